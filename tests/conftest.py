@@ -1,0 +1,32 @@
+"""Shared fixtures: no test may log an unhandled error; every test is bounded."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+
+@pytest.fixture(autouse=True)
+def no_logged_errors() -> Iterator[list[dict[str, Any]]]:
+    """Fail the test if anything logged a failure (an error lost in a Deferred, a crash)."""
+    errors: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield errors
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    if errors:
+        from twisted.logger import formatEvent
+
+        texts = []
+        for e in errors:
+            f = e.get("log_failure")
+            texts.append(formatEvent(e) + ("\n" + f.getTraceback() if f is not None else ""))
+        pytest.fail("errors were logged:\n" + "\n".join(texts))
