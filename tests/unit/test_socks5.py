@@ -90,7 +90,8 @@ def pairs(data: bytes) -> list[bytes]:
 @pytest.fixture(params=[whole, bytewise, pairs], ids=["whole", "bytewise", "pairs"])
 def split(request: pytest.FixtureRequest) -> Callable[[bytes], list[bytes]]:
     """Each test runs with the stream delivered whole, byte by byte and in pairs."""
-    return request.param
+    chunker: Callable[[bytes], list[bytes]] = request.param
+    return chunker
 
 
 class Outcome:

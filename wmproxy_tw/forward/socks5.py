@@ -260,7 +260,8 @@ class Socks5Server:
     :param auth_required: require RFC 1929 username/password (method 0x02);
         otherwise only "no authentication" (0x00) is accepted.
     :param check_credentials: ``(username, password) -> bool``; required when
-        ``auth_required``.  It must not block.
+        ``auth_required``.  It must not block; its exceptions propagate
+        out of :meth:`feed`.
     :param max_pending: cap on bytes held for :meth:`take_leftover` while
         awaiting the reply; the caller should pause the transport meanwhile.
     """
@@ -299,9 +300,10 @@ class Socks5Server:
         ``response``).  Raises RuntimeError if called after a successful
         :meth:`reply`: from then on the bytes belong to the relay.
         """
-        if self._state is _State.CLOSED:
+        state = self._state
+        if state is _State.CLOSED:
             return []
-        if self._state is _State.ESTABLISHED:
+        if state is _State.ESTABLISHED:
             raise RuntimeError("SOCKS5 handshake already established")
         self._buf += data
         events: list[Socks5Event] = []
