@@ -323,6 +323,7 @@ def test_hello_ok_numbers_are_exact_integers(body: bytes) -> None:
 
 def test_hello_auth_shapes() -> None:
     """HELLO auth must be {}, {token} or {username, password} with string values."""
+    auth: object
     for auth in ({"token": "t", "username": "u"}, {"username": "u"}, {"token": None},
                  {"token": 5}, [], {"password": "p"}):
         body = MAGIC + b"\x00\x01" + json.dumps(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar
@@ -652,7 +653,7 @@ def encode(frame: Frame) -> bytes:
     return _HEADER.pack(frame.frame_type, 0, frame.stream_id, len(payload)) + payload
 
 
-def encode_all(frames: list[Frame]) -> bytes:
+def encode_all(frames: Iterable[Frame]) -> bytes:
     """Serialize several frames into one buffer, in order."""
     return b"".join(encode(frame) for frame in frames)
 
