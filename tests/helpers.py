@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, reactor, utils
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.web import resource, server
 
 from wmproxy_tw.config import load_text
@@ -89,3 +89,32 @@ def deferLater(seconds: float) -> defer.Deferred[None]:
     from twisted.internet import task
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+class _Collect(ProcessProtocol):
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.done: defer.Deferred[tuple[bytes, bytes, int]] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.data)
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.append(data)
+
+    def processEnded(self, reason: Any) -> None:
+        code = getattr(reason.value, "exitCode", 1)
+        self.done.callback((b"".join(self.out), b"".join(self.err), code))
+
+
+async def run_input(argv: list[str], data: bytes) -> tuple[bytes, bytes, int]:
+    """Run a program with ``data`` on its stdin, without blocking the reactor."""
+    proto = _Collect(data)
+    reactor.spawnProcess(proto, argv[0], argv, env=ENV)
+    return await proto.done

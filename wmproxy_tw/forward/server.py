@@ -36,6 +36,7 @@ HEADER_TIMEOUT = 10.0  # seconds to send a complete request head / handshake
 KEEPALIVE_TIMEOUT = 75.0  # idle time between requests on a keep-alive connection
 RESPONSE_TIMEOUT = 60.0  # upstream must start answering within this
 MAX_HEAD = 16 * 1024
+MAX_HEADERS = 100
 VIA = "1.1 wmproxy-tw"
 
 
@@ -299,9 +300,7 @@ class ForwardProtocol(Protocol):
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as e:
-                status = e.error_status_hint if e.error_status_hint != 400 or "too long" not in str(e) else 431
-                if "too long" in str(e) or "too big" in str(e):
-                    status = 431
+                status = e.error_status_hint
                 self._http_error(status, f"bad request: {e}")
                 return
             if event is h11.NEED_DATA:
@@ -346,6 +345,9 @@ class ForwardProtocol(Protocol):
         self._close()
 
     def _http_request(self, ev: h11.Request) -> None:
+        if len(ev.headers) > MAX_HEADERS:
+            self._http_error(431, f"more than {MAX_HEADERS} header fields")
+            return
         method = ev.method.decode("ascii", "replace")
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in ev.headers]
         head = RequestHead(method, ev.target.decode("latin-1"), "HTTP/" + ev.http_version.decode(), tuple(headers))

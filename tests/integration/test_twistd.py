@@ -1,0 +1,162 @@
+"""`twistd wmproxy` as an operator runs it: exit codes, one-line errors, daemon mode."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+
+from ..helpers import ENV, deferLater, origin, run
+
+pytestmark = pytest.mark.integration
+
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def twistd(*args: str) -> tuple[bytes, bytes, int]:
+    return await run(TWISTD, *args)
+
+
+def _write(tmp_path: Path, text: str, name: str = "conf.toml") -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_value_exits_1_with_one_line(tmp_path: Path) -> None:
+    """bind = "nonsense" → exit 1, one line naming proxy.bind, no traceback."""
+    out, err, code = await twistd("-n", "--pidfile=", "wmproxy", "-c", _write(tmp_path, '[proxy]\nbind = "nonsense"\n'))
+    assert code == 1
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "proxy.bind" in lines[0] and "nonsense" in lines[0]
+    assert b"Traceback" not in out + err
+
+
+@pytest_twisted.ensureDeferred
+async def test_typo_warns_with_nearest_name(tmp_path: Path) -> None:
+    """bind_adr is warned about, naming bind_addr; --check still exits 0."""
+    path = _write(tmp_path, '[proxy]\nbind = "127.0.0.1:18090"\nbind_adr = ":1"\n')
+    out, err, code = await twistd("wmproxy", "--check", "-c", path)
+    assert code == 0, err
+    assert b"bind_adr" in err and b"bind_addr" in err
+    assert b"forward proxy" in out and b"127.0.0.1:18090" in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_file_and_open_proxy_refused(tmp_path: Path) -> None:
+    """An unreadable file and an unauthenticated non-loopback bind both exit 1 with one line."""
+    _o, err, code = await twistd("wmproxy", "--check", "-c", str(tmp_path / "nope.toml"))
+    assert code == 1 and b"cannot read" in err and b"Traceback" not in err
+    path = _write(tmp_path, '[proxy]\nbind = "0.0.0.0:18091"\n')
+    _o, err, code = await twistd("wmproxy", "--check", "-c", path)
+    assert code == 1 and b"allow_open_proxy" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsupported_section_is_refused(tmp_path: Path) -> None:
+    """A [fleet] section (not served yet) is refused at start-up, never silently ignored."""
+    path = _write(tmp_path, '[proxy]\nbind = "127.0.0.1:0"\n[fleet]\nredis = "redis://127.0.0.1:6379/0"\n')
+    _o, err, code = await twistd("wmproxy", "--check", "-c", path)
+    assert code == 1 and b"not supported yet: fleet" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_in_use_exits_1(tmp_path: Path) -> None:
+    """A port already in use → exit 1 with 'cannot listen', no traceback."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    try:
+        path = _write(tmp_path, f'[proxy]\nbind = "127.0.0.1:{port}"\n')
+        out, err, code = await twistd("-n", "--pidfile=", "wmproxy", "-c", path)
+        assert code == 1
+        assert b"cannot listen" in err and b"Traceback" not in out + err
+    finally:
+        blocker.close()
+
+
+class _Proc(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: defer.Deferred[int] = defer.Deferred()
+        self.err = b""
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: object) -> None:
+        value = getattr(reason, "value", None)
+        code = getattr(value, "exitCode", None)
+        # twistd re-raises the stop signal on itself after a clean shutdown
+        self.ended.callback(code if code is not None else -getattr(value, "signal", 0))
+
+
+async def _wait_port(port: int, seconds: float = 20.0) -> None:
+    for _ in range(int(seconds * 10)):
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        await deferLater(0.1)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_subcommand_serves_in_foreground(tmp_path: Path) -> None:
+    """`twistd -n wmproxy proxy -b ADDR --user --pass` serves; SIGTERM stops it cleanly."""
+    port = free_port()
+    web = origin()
+    proc = _Proc()
+    p = reactor.spawnProcess(proc, TWISTD, [TWISTD, "-n", "--pidfile=", "wmproxy", "proxy", "-b", f"127.0.0.1:{port}",
+                                           "--user", "u", "--pass", "p"], env=ENV, path=str(tmp_path))
+    try:
+        await _wait_port(port)
+        url = f"http://127.0.0.1:{web.getHost().port}/sub"
+        out, err, code = await run("curl", "-sS", "-x", f"http://u:p@127.0.0.1:{port}", url)
+        assert code == 0 and b"/sub" in out, err
+        out, _e, _c = await run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{port}", url)
+        assert out == b"407"
+    finally:
+        p.signalProcess("TERM")
+        code = await proc.ended
+        await web.stopListening()
+    assert code in (0, -15), proc.err
+    assert b"Traceback" not in proc.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon_mode_writes_pidfile(tmp_path: Path) -> None:
+    """Without -n, twistd daemonizes: the pidfile names a live process that serves."""
+    port = free_port()
+    path = _write(tmp_path, f'[proxy]\nbind = "127.0.0.1:{port}"\n')
+    pidfile = tmp_path / "w.pid"
+    _o, err, code = await twistd(f"--pidfile={pidfile}", f"--logfile={tmp_path / 'w.log'}", "wmproxy", "-c", path)
+    assert code == 0, err
+    pid = int(pidfile.read_text())
+    try:
+        await _wait_port(port)
+        web = origin()
+        out, err, code = await run("curl", "-sS", "-x", f"socks5h://127.0.0.1:{port}",
+                                   f"http://127.0.0.1:{web.getHost().port}/daemon")
+        await web.stopListening()
+        assert code == 0 and b"/daemon" in out, err
+    finally:
+        os.kill(pid, 15)
+    for _ in range(100):
+        if not pidfile.exists():
+            break
+        await deferLater(0.1)
+    assert not pidfile.exists()
