@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor
 
 from ..helpers import ENV, deferLater, origin, run
 
@@ -130,7 +130,10 @@ async def test_proxy_subcommand_serves_in_foreground(tmp_path: Path) -> None:
         out, _e, _c = await run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{port}", url)
         assert out == b"407"
     finally:
-        p.signalProcess("TERM")
+        try:
+            p.signalProcess("TERM")
+        except error.ProcessExitedAlready:
+            pass
         code = await proc.ended
         await web.stopListening()
     assert code in (0, -15), proc.err
