@@ -35,11 +35,34 @@ AddrList = Annotated[
 ]
 Duration = Annotated[float, PlainValidator(g.parse_duration)]
 Size = Annotated[int, PlainValidator(g.parse_size)]
-RateT = Annotated[g.Rate, PlainValidator(g.parse_rate), PlainSerializer(lambda r: f"{r.amount:g}{'r' if r.unit == 'requests' else ''}/{r.per:g}s")]
+
+
+def _num(x: float) -> str:
+    """A number as the grammars read it back: no exponent, no trailing '.0'."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _rate_text(r: g.Rate) -> str:
+    return f"{_num(r.amount)}{'r' if r.unit == 'requests' else ''}/{_num(r.per)}s"
+
+
+_OP_SYMBOLS = {"set": "", "add": "+", "del": "-", "default": "?"}
+
+
+def _header_rule_text(r: g.HeaderRule) -> str:
+    """The rule in the file's own grammar (``proxy + NAME 'VALUE'``), so it reads back the same."""
+    words = (["proxy"] if r.target == "request" else []) + ([_OP_SYMBOLS[r.op]] if r.op != "set" else [])
+    words.append(r.name)
+    if r.op != "del":
+        words.append(shlex.quote(r.value))
+    return " ".join(words)
+
+
+RateT = Annotated[g.Rate, PlainValidator(g.parse_rate), PlainSerializer(_rate_text)]
 HeaderRules = Annotated[
     tuple[g.HeaderRule, ...],
     PlainValidator(g.parse_header_rules),
-    PlainSerializer(lambda rules: [f"{'proxy ' if r.target == 'request' else ''}{r.op} {r.name} {r.value}".strip() for r in rules]),
+    PlainSerializer(lambda rules: [_header_rule_text(r) for r in rules]),
 ]
 IPSetT = Annotated[g.IPSet, PlainValidator(g.parse_ipset), PlainSerializer(str)]
 Flag = Annotated[frozenset[str], PlainValidator(g.parse_flag), PlainSerializer(lambda f: " ".join(sorted(f)))]
@@ -131,7 +154,7 @@ def parse_limit_req_zone(v: Any) -> LimitReqZone:
     return LimitReqZone(" ".join(key_parts), limit, rate)
 
 
-LimitReqZoneT = Annotated[LimitReqZone, PlainValidator(parse_limit_req_zone), PlainSerializer(lambda z: f"{z.key} limit={z.limit} rate={z.rate.amount:g}r/{z.rate.per:g}s")]
+LimitReqZoneT = Annotated[LimitReqZone, PlainValidator(parse_limit_req_zone), PlainSerializer(lambda z: f"{z.key} limit={z.limit} rate={_rate_text(z.rate)}")]
 
 
 @dataclass(frozen=True)
