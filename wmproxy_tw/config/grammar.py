@@ -9,6 +9,7 @@ a message that says what was expected.  The pydantic models in
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import shlex
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+_NUMERIC_HOST = re.compile(r"^[0-9.]+$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_\-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_\-]{0,62}))*\.?$")
 
 
@@ -95,7 +97,8 @@ def _split_host_port(text: str) -> tuple[str, str]:
     host, port = text.split(":")
     if host == "":
         host = "0.0.0.0"
-    elif not _HOSTNAME.match(host):
+    elif not _HOSTNAME.match(host) or _NUMERIC_HOST.match(host):
+        # An all-numeric dotted host is an IPv4 literal, never a name (RFC 1123 2.1).
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
@@ -162,8 +165,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as '10s', found {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"expected a non-negative duration, found {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"expected a finite, non-negative duration, found {value!r}")
         return float(value)
     if isinstance(value, str):
         m = _DURATION.match(value)
@@ -255,6 +258,9 @@ def parse_header_rule(value: Any) -> HeaderRule:
     if isinstance(value, (list, tuple)):
         words = [str(w) for w in value]
     elif isinstance(value, str):
+        if "\r" in value or "\n" in value:
+            # shlex would quietly turn an unquoted line break into a word separator.
+            raise ValueError(f"header rule {value!r}: holds a line break")
         try:
             words = shlex.split(value)
         except ValueError as e:
@@ -311,9 +317,10 @@ class IPSet:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:
             return False
+        forms: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [addr]
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr.version == n.version and addr in n for n in self.networks)
+            forms.append(addr.ipv4_mapped)
+        return any(a.version == n.version and a in n for a in forms for n in self.networks)
 
     def __bool__(self) -> bool:
         return bool(self.networks)

@@ -75,7 +75,13 @@ def _short(value: Any) -> str:
 
 def _format_errors(name: str, err: ValidationError) -> list[str]:
     lines = []
-    for e in err.errors(include_url=False):
+    errors = err.errors(include_url=False)
+    for e in errors:
+        if e["type"] == "too_short" and any(
+            len(o["loc"]) > len(e["loc"]) and o["loc"][: len(e["loc"])] == e["loc"] for o in errors
+        ):
+            # A list whose items all failed is also "too short": the item errors say it.
+            continue
         loc = [p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
         msg = e["msg"]
         if msg.startswith("Value error, "):
@@ -112,6 +118,10 @@ def _unknown_keys(name: str, obj: Any, loc: tuple[Any, ...]) -> list[str]:
         for i, item in enumerate(obj):
             if isinstance(item, BaseModel):
                 out.extend(_unknown_keys(name, item, loc + (i,)))
+    elif isinstance(obj, dict):
+        for k, item in obj.items():
+            if isinstance(item, BaseModel):
+                out.extend(_unknown_keys(name, item, loc + (k,)))
     return out
 
 
@@ -147,14 +157,21 @@ def _semantic_checks(name: str, config: Config) -> list[str]:
     errors: list[str] = []
     if config.http is not None:
         zones = config.http.limit_req_zone
+
+        def check_zone(path: str, node: Any) -> None:
+            # Checked where it is written: http and server values reach locations by inheritance.
+            if node.limit_req is not None and node.limit_req.zone not in zones:
+                errors.append(f"{name}: {path}.limit_req: zone {node.limit_req.zone!r} is not defined in "
+                              f"http.limit_req_zone (defined: {', '.join(sorted(zones)) or 'none'})")
+
+        check_zone("http", config.http)
         groups = {u.name for u in config.http.upstream}
         for si, srv in enumerate(config.http.server):
+            check_zone(f"http.server[{si}]", srv)
             sgroups = groups | {u.name for u in srv.upstream}
             for li, loc in enumerate(srv.location):
                 path = f"http.server[{si}].location[{li}]"
-                if loc.limit_req is not None and loc.limit_req.zone not in zones:
-                    errors.append(f"{name}: {path}.limit_req: zone {loc.limit_req.zone!r} is not defined in "
-                                  f"http.limit_req_zone (defined: {', '.join(sorted(zones)) or 'none'})")
+                check_zone(path, loc)
                 if isinstance(loc.rule, str) and loc.rule.startswith("@"):
                     label = loc.rule[1:]
                     if label not in config.http.match_names and label != "ws":

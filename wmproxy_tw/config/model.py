@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import (
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -35,11 +36,34 @@ AddrList = Annotated[
 ]
 Duration = Annotated[float, PlainValidator(g.parse_duration)]
 Size = Annotated[int, PlainValidator(g.parse_size)]
-RateT = Annotated[g.Rate, PlainValidator(g.parse_rate), PlainSerializer(lambda r: f"{r.amount:g}{'r' if r.unit == 'requests' else ''}/{r.per:g}s")]
+
+
+def _num(x: float) -> str:
+    """A number as the grammars read it back: no exponent, no trailing '.0'."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _rate_text(r: g.Rate) -> str:
+    return f"{_num(r.amount)}{'r' if r.unit == 'requests' else ''}/{_num(r.per)}s"
+
+
+_OP_SYMBOLS = {"set": "", "add": "+", "del": "-", "default": "?"}
+
+
+def _header_rule_text(r: g.HeaderRule) -> str:
+    """The rule in the file's own grammar (``proxy + NAME 'VALUE'``), so it reads back the same."""
+    words = (["proxy"] if r.target == "request" else []) + ([_OP_SYMBOLS[r.op]] if r.op != "set" else [])
+    words.append(r.name)
+    if r.op != "del":
+        words.append(shlex.quote(r.value))
+    return " ".join(words)
+
+
+RateT = Annotated[g.Rate, PlainValidator(g.parse_rate), PlainSerializer(_rate_text)]
 HeaderRules = Annotated[
     tuple[g.HeaderRule, ...],
     PlainValidator(g.parse_header_rules),
-    PlainSerializer(lambda rules: [f"{'proxy ' if r.target == 'request' else ''}{r.op} {r.name} {r.value}".strip() for r in rules]),
+    PlainSerializer(lambda rules: [_header_rule_text(r) for r in rules]),
 ]
 IPSetT = Annotated[g.IPSet, PlainValidator(g.parse_ipset), PlainSerializer(str)]
 Flag = Annotated[frozenset[str], PlainValidator(g.parse_flag), PlainSerializer(lambda f: " ".join(sorted(f)))]
@@ -131,7 +155,7 @@ def parse_limit_req_zone(v: Any) -> LimitReqZone:
     return LimitReqZone(" ".join(key_parts), limit, rate)
 
 
-LimitReqZoneT = Annotated[LimitReqZone, PlainValidator(parse_limit_req_zone), PlainSerializer(lambda z: f"{z.key} limit={z.limit} rate={z.rate.amount:g}r/{z.rate.per:g}s")]
+LimitReqZoneT = Annotated[LimitReqZone, PlainValidator(parse_limit_req_zone), PlainSerializer(lambda z: f"{z.key} limit={z.limit} rate={_rate_text(z.rate)}")]
 
 
 @dataclass(frozen=True)
@@ -370,16 +394,26 @@ class RuleTable(Model):
 
 
 def _rule(v: Any) -> Any:
+    # Decide the union member here: left to pydantic, a bad value gets one
+    # error per member, at paths like "rule.str" and "rule.RuleTable".
     if isinstance(v, str):
         v = v.strip()
         if not v:
             raise ValueError("empty rule: expected a path such as '/api', a glob, '~regex' or '@NAME'")
         return _check_pattern(v)
-    return v
+    if isinstance(v, RuleTable):
+        return v
+    if isinstance(v, dict):
+        return RuleTable.model_validate(v)  # its errors keep their field names in the key path
+    raise ValueError(f"expected a rule such as '/api', '~regex', '@NAME' or a table "
+                     f"{{path = ..., host = ..., method = ...}}, found {v!r}")
+
+
+Rule = Annotated[Union[str, RuleTable], BeforeValidator(_rule)]
 
 
 class Location(Common):
-    rule: Union[str, RuleTable] = "/"
+    rule: Rule = "/"
     is_ws: bool = False
     file_server: Optional[FileServer] = None
     static_response: Optional[str] = None
@@ -387,11 +421,6 @@ class Location(Common):
     static_headers: Optional[HeaderRules] = None
     try_paths: Optional[str] = None
     upstream: tuple[Upstream, ...] = ()
-
-    @field_validator("rule", mode="before")
-    @classmethod
-    def _rule(cls, v: Any) -> Any:
-        return _rule(v)
 
     @field_validator("try_paths")
     @classmethod
@@ -436,7 +465,7 @@ class Http(Common):
     log_format: dict[str, str] = Field(default_factory=dict)
     log_names: dict[str, LogTargetT] = Field(default_factory=dict)
     limit_req_zone: dict[str, LimitReqZoneT] = Field(default_factory=dict)
-    match_names: dict[str, Union[str, RuleTable]] = Field(default_factory=dict)
+    match_names: dict[str, Rule] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------- stream
@@ -589,6 +618,12 @@ class Fleet(Model):
     advertise: Optional[Addr] = None
 
 
+def _workers(v: Any) -> Any:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 256):
+        return v
+    raise ValueError(f"expected a number of worker processes 1-256 or 'auto', found {v!r}")
+
+
 class Config(Model):
     proxy: Optional[Proxy] = None
     http: Optional[Http] = None
@@ -600,7 +635,7 @@ class Config(Model):
     pidfile: Optional[str] = None
     default_level: Literal["error", "warn", "info", "debug", "trace"] = "info"
     disable_stdout: bool = False
-    workers: Union[Literal["auto"], Annotated[int, Field(ge=1, le=256)]] = 1
+    workers: Annotated[Union[Literal["auto"], int], PlainValidator(_workers)] = 1
     metrics: bool = True
     shutdown_timeout: Duration = 10.0
 
