@@ -31,9 +31,9 @@ class TLSConfigError(Exception):
 class CertKey:
     """A loaded certificate chain and key, with the host names it covers."""
 
-    cert: Any  # OpenSSL.crypto.X509 (leaf)
+    cert: Any  # cryptography x509.Certificate (leaf)
     chain: tuple[Any, ...]
-    key: Any  # OpenSSL.crypto.PKey
+    key: Any  # cryptography private key
     names: tuple[str, ...]
     path: str
 
@@ -54,11 +54,13 @@ def load_cert_key(cert_path: str, key_path: str) -> CertKey:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as e:
         raise TLSConfigError(f"{cert_path}: not a PEM certificate: {e}") from None
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, _read(key_path, "key"))
-    except crypto.Error as e:
+        key = load_pem_private_key(_read(key_path, "key"), password=None)
+    except (ValueError, TypeError) as e:
         raise TLSConfigError(f"{key_path}: not a PEM private key (or it is encrypted): {e}") from None
-    leaf = crypto.X509.from_cryptography(certs[0])
+    leaf = certs[0]
     ctx = SSL.Context(SSL.TLS_METHOD)
     try:
         ctx.use_certificate(leaf)
@@ -74,7 +76,7 @@ def load_cert_key(cert_path: str, key_path: str) -> CertKey:
         pass
     cn = [a.value for a in certs[0].subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
     names += [str(v).lower() for v in cn if str(v).lower() not in names]
-    chain = tuple(crypto.X509.from_cryptography(c) for c in certs[1:])
+    chain = tuple(certs[1:])
     return CertKey(leaf, chain, key, tuple(names), cert_path)
 
 
@@ -118,7 +120,7 @@ def _server_context(ck: CertKey, alpn: Sequence[bytes], client_ca: Optional[str]
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     ctx.use_certificate(ck.cert)
     for extra in ck.chain:
-        ctx.add_extra_chain_cert(extra)
+        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
     ctx.use_privatekey(ck.key)
     ctx.set_session_id(b"wmproxy-tw")
     if alpn:
@@ -156,7 +158,7 @@ def server_creator(
 
     def on_sni(conn: SSL.Connection) -> None:
         name = conn.get_servername()
-        ctx = creator.pick(name.decode("idna", "replace") if name else None)
+        ctx = creator.pick(name.decode("ascii", "replace") if name else None)
         if ctx is not creator.default:
             conn.set_context(ctx)
 
@@ -225,7 +227,8 @@ def client_creator(
     client = None
     if ck is not None:
         client = ssl.PrivateCertificate.fromCertificateAndKeyPair(
-            ssl.Certificate(ck.cert), ssl.KeyPair(ck.key)
+            ssl.Certificate(crypto.X509.from_cryptography(ck.cert)),
+            ssl.KeyPair(crypto.PKey.from_cryptography_key(ck.key)),
         )
     return ssl.optionsForClientTLS(
         hostname, trustRoot=trust, clientCertificate=client,

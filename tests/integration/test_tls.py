@@ -31,6 +31,10 @@ class Once(Protocol):
             self.got.callback(data)
             self.transport.loseConnection()
 
+    def connectionLost(self, reason: object = None) -> None:
+        if not self.got.called:
+            self.got.errback(reason)
+
 
 async def _talk(port: int, creator: object) -> bytes:
     ep = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
