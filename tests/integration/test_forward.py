@@ -25,7 +25,7 @@ async def _proxy(extra: str = "") -> tuple[object, int]:
 
 async def _stop(*things: object) -> None:
     for t in things:
-        stop = getattr(t, "stopService", None) or getattr(t, "stopListening")
+        stop = getattr(t, "stopService", None) or t.stopListening  # type: ignore[attr-defined]
         await defer.maybeDeferred(stop)
 
 

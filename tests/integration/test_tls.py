@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from OpenSSL import SSL
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
@@ -54,7 +55,7 @@ async def test_sni_selects_certificate(tmp_path: Path) -> None:
         assert await _talk(p, client_creator("a.test", ca_path=a[0])) == b"hi"
         assert await _talk(p, client_creator("b.test", ca_path=b[0])) == b"hi"
         # b.test's CA does not trust a.test's certificate: verification must fail
-        with pytest.raises(Exception):
+        with pytest.raises(SSL.Error):
             await _talk(p, client_creator("a.test", ca_path=b[0]))
         # unknown SNI → default (a.test) certificate, which a.test's CA verifies for name a.test only
         assert await _talk(p, client_creator("zzz.test", verify=False)) == b"hi"

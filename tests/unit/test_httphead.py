@@ -753,7 +753,7 @@ def valid_heads(draw: st.DrawFn) -> tuple[bytes, RequestHead, bytes]:
         )
     )
     data = f"{method} {target} {version}".encode() + eols[0]
-    for (name, value), eol in zip(headers, eols[1:]):
+    for (name, value), eol in zip(headers, eols[1:-1], strict=True):
         ows = draw(st.sampled_from(["", " ", "\t ", "  "]))
         data += f"{name}:{ows}{value}{ows}".encode("latin-1") + eol
     data += eols[-1]
