@@ -94,7 +94,7 @@ class TargetPolicy:
 
 def quiet_factory(build: Callable[[], Protocol]) -> Factory:
     """A client factory that does not log "Starting factory" on every connection."""
-    f = Factory.forProtocol(build)
+    f: Factory = Factory.forProtocol(build)  # type: ignore[arg-type]
     f.noisy = False
     return f
 
@@ -117,13 +117,13 @@ def connect(
         d: Deferred[Protocol] = Deferred()
         d.errback(UpstreamError(403, f"target {target} is not allowed"))
         return d
-    d = endpoint_for(reactor, host, port, timeout).connect(factory)
+    d = endpoint_for(reactor, host, port, timeout).connect(factory)  # type: ignore[assignment]
 
     def check_peer(proto: Protocol) -> Protocol:
         if policy is not None and proto.transport is not None:
             peer = proto.transport.getPeer()
             if not policy.allows(getattr(peer, "host", ""), getattr(peer, "port", 0)):
-                proto.transport.abortConnection()
+                proto.transport.abortConnection()  # type: ignore[attr-defined]
                 raise UpstreamError(403, f"target {target} is not allowed")
         return proto
 

@@ -61,7 +61,7 @@ class Dispatch(Factory):
             _lost(reason)
 
         proto.connectionLost = counted  # type: ignore[method-assign]
-        return proto
+        return proto  # type: ignore[return-value]
 
 
 @dataclass

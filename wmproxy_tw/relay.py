@@ -177,6 +177,8 @@ class SpliceProtocol(Protocol):
     ``connectionMade`` so the creator can attach it.
     """
 
+    transport: Any
+
     def __init__(self, splice: Splice, side: int) -> None:
         self.splice = splice
         self.side = side

@@ -64,7 +64,7 @@ def load_cert_key(cert_path: str, key_path: str) -> CertKey:
     ctx = SSL.Context(SSL.TLS_METHOD)
     try:
         ctx.use_certificate(leaf)
-        ctx.use_privatekey(key)
+        ctx.use_privatekey(key)  # type: ignore[arg-type]
         ctx.check_privatekey()
     except SSL.Error:
         raise TLSConfigError(f"{key_path} is not the key of {cert_path}") from None
@@ -130,7 +130,7 @@ def _server_context(ck: CertKey, alpn: Sequence[bytes], client_ca: Optional[str]
             for p in protos:
                 if p in offered:
                     return p
-            return SSL.NO_OVERLAPPING_PROTOCOLS
+            return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
 
         ctx.set_alpn_select_callback(select)
     if client_ca:

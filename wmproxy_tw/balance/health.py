@@ -218,7 +218,7 @@ class HTTPStatusProbe(Protocol):
 
     def _cancel(self, _d: Deferred[int]) -> None:
         if self.transport is not None:
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionMade(self) -> None:
         assert self.transport is not None

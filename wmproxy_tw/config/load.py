@@ -148,7 +148,7 @@ def resolve(config: Config) -> Config:
         locations = tuple(_inherit(srv, loc, COMMON_DEFAULTS) for loc in srv.location)
         if not locations:
             # A server without locations proxies or serves by its own keys.
-            locations = (_inherit(srv, Location(rule="/"), COMMON_DEFAULTS),)
+            locations = (_inherit(srv, Location.model_validate({"rule": "/"}), COMMON_DEFAULTS),)
         servers.append(_inherit({}, srv.model_copy(update={"location": locations}), COMMON_DEFAULTS))
     return config.model_copy(update={"http": http.model_copy(update={"server": tuple(servers)})})
 

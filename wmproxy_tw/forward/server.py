@@ -90,6 +90,8 @@ class ForwardFactory(Factory):
 class ForwardProtocol(Protocol):
     """One client connection of the forward proxy."""
 
+    transport: Any
+
     def __init__(self, factory: ForwardFactory) -> None:
         self.f = factory
         self.reactor = factory.reactor
@@ -106,7 +108,7 @@ class ForwardProtocol(Protocol):
     # -- connection --------------------------------------------------------
     def connectionMade(self) -> None:
         self.f.active.add(self)
-        self.peer = self.transport.getPeer()
+        self.peer: Any = self.transport.getPeer()
         self._arm(HEADER_TIMEOUT)
 
     def _arm(self, seconds: float) -> None:
@@ -195,7 +197,7 @@ class ForwardProtocol(Protocol):
             timeout=self.f.cfg.connect_timeout, policy=self.f.policy,
         )
 
-        def ok(proto: Protocol) -> None:
+        def ok(proto: Any) -> None:
             if self._closed:
                 proto.transport.loseConnection()
                 return
@@ -251,7 +253,7 @@ class ForwardProtocol(Protocol):
                 return
             leftover = sk.take_leftover()
 
-            def ok(proto: Protocol) -> None:
+            def ok(proto: Any) -> None:
                 local = proto.transport.getHost()
                 bind_host = getattr(local, "host", "0.0.0.0")
                 self.transport.write(sk.reply(socks5.REP_SUCCEEDED, bind_host, getattr(local, "port", 0)))
@@ -490,6 +492,8 @@ class ForwardProtocol(Protocol):
 class HttpUpstream(Protocol):
     """One upstream HTTP/1.1 connection serving a client's requests in turn."""
 
+    transport: Any
+
     def __init__(self, client: ForwardProtocol, key: tuple[str, int]) -> None:
         self.client = client
         self.key = key
@@ -503,8 +507,8 @@ class HttpUpstream(Protocol):
         self.splice: Optional[Splice] = None
 
     def reusable(self) -> bool:
-        return (not self.closed and self.connected and self.h11.our_state is h11.IDLE
-                and self.h11.their_state is h11.IDLE)
+        return bool(not self.closed and self.connected and self.h11.our_state is h11.IDLE
+                    and self.h11.their_state is h11.IDLE)
 
     def start(self, req: h11.Request) -> None:
         self.done = False

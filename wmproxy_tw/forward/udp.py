@@ -39,6 +39,8 @@ def _norm(host: str) -> str:
 class UdpAssociation(DatagramProtocol):
     """Relays datagrams between one SOCKS5 client and any destination."""
 
+    transport: Any
+
     def __init__(self, reactor: Any, client_ip: str, policy: TargetPolicy, idle_timeout: float) -> None:
         self.reactor = reactor
         self.client_ip = _norm(client_ip)
