@@ -384,3 +384,35 @@ async def test_reader_that_never_reads_does_not_grow_memory() -> None:
         assert second < 64 * 1024 * 1024
     finally:
         await _stop(svc, hose)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keepalive_connection_to_several_origins() -> None:
+    """One client connection may ask for URLs on different origins in turn."""
+    svc, port = await _proxy()
+    one, two = origin(), origin()
+    try:
+        urls = [f"http://127.0.0.1:{w.getHost().port}/n{i}" for i, w in enumerate((one, two, one))]
+        out, err, code = await run("curl", "-sS", "-x", f"http://127.0.0.1:{port}", *urls)
+        assert code == 0, err
+        assert out.count(b"hello from origin") == 3 and b"/n2" in out
+    finally:
+        await _stop(svc, one, two)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_head_gets_408() -> None:
+    """A client that sends half a request head and stalls gets 408 at the header deadline."""
+    svc, port = await _proxy('header_timeout = "500ms"')
+    try:
+        script = textwrap.dedent(f"""
+            import socket
+            s = socket.create_connection(("127.0.0.1", {port})); s.settimeout(10)
+            s.sendall(b"GET http://127.0.0.1/ HTTP/1.1\\r\\nHost: x")
+            print(s.recv(100).split(b"\\r\\n")[0].decode())
+        """)
+        out, err, code = await run_python("-c", script)
+        assert code == 0, err
+        assert out.split()[1] == b"408"
+    finally:
+        await _stop(svc)

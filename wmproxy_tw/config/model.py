@@ -572,6 +572,8 @@ class Proxy(Model):
     deny_targets: Optional[AddrList] = None
     allow_open_proxy: bool = False
     connect_timeout: Duration = 10.0
+    header_timeout: Duration = 10.0
+    keepalive_timeout: Duration = 75.0
     idle_timeout: Duration = 600.0
     heartbeat_interval: Duration = 10.0
     heartbeat_timeout: Duration = 30.0

@@ -32,8 +32,6 @@ __all__ = ["ForwardFactory", "ForwardProtocol", "BasicAuth"]
 
 _log = Logger()
 
-HEADER_TIMEOUT = 10.0  # seconds to send a complete request head / handshake
-KEEPALIVE_TIMEOUT = 75.0  # idle time between requests on a keep-alive connection
 RESPONSE_TIMEOUT = 60.0  # upstream must start answering within this
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
@@ -109,7 +107,7 @@ class ForwardProtocol(Protocol):
     def connectionMade(self) -> None:
         self.f.active.add(self)
         self.peer: Any = self.transport.getPeer()
-        self._arm(HEADER_TIMEOUT)
+        self._arm(self.f.cfg.header_timeout)
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -124,11 +122,19 @@ class ForwardProtocol(Protocol):
         self._deadline = None
         if self.mode == "http" and self.http is not None and self.http.their_state is h11.SEND_BODY:
             return
-        if self.mode == "http" and self.http is not None and self.http.our_state is h11.SEND_RESPONSE and self.http.their_state in (h11.IDLE,):
-            self._http_error(408, "request head not received in time")
+        if self.mode == "http" and self.http is not None:
+            if self.http.their_state is h11.IDLE and self.http.our_state is h11.IDLE and self._partial():
+                self._http_error(408, "request head not received in time")
+            else:
+                self._close()  # idle keep-alive connection: a quiet close
             return
         _log.debug("forward proxy: {client} timed out in {mode}", client=self.peer.host, mode=self.mode)
         self._abort()
+
+    def _partial(self) -> bool:
+        """True when part of a request head is buffered (slow client), not just idle."""
+        assert self.http is not None
+        return bool(self.http.trailing_data[0])
 
     def dataReceived(self, data: bytes) -> None:
         if self.mode == "relay":
@@ -468,7 +474,7 @@ class ForwardProtocol(Protocol):
             return
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
-            self._arm(KEEPALIVE_TIMEOUT)
+            self._arm(self.f.cfg.keepalive_timeout)
             self.transport.resumeProducing()
             self._http_events()
 
@@ -600,11 +606,8 @@ class HttpUpstream(Protocol):
         """Hand this connection to a splice (after a 101): return unread bytes."""
         self.splice = splice
         trailing, _ = self.h11.trailing_data
-        try:
-            self.client.transport.unregisterProducer()
-            self.transport.unregisterProducer()
-        except RuntimeError:
-            pass
+        _unregister(self.client.transport, self.transport)
+        _unregister(self.transport, self.client.transport)
         splice.attach(B, self.transport)
         return bytes(trailing)
 
@@ -615,11 +618,7 @@ class HttpUpstream(Protocol):
         if self.splice is not None:
             self.splice.lost(B, reason)
             return
-        if self.connected and self.client.upstream is self:
-            try:
-                self.client.transport.unregisterProducer()
-            except RuntimeError:
-                pass
+        _unregister(self.client.transport, self.transport)
         if self.done or self.client.upstream is not self:
             return
         try:
@@ -632,8 +631,16 @@ class HttpUpstream(Protocol):
 
     def close(self) -> None:
         if self.connected and not self.closed:
+            _unregister(self.client.transport, self.transport)
+            _unregister(self.transport, self.client.transport)
             self.transport.loseConnection()
         self.closed = True
+
+
+def _unregister(consumer: Any, producer: Any) -> None:
+    """Unregister ``producer`` from ``consumer`` if it is the one registered."""
+    if getattr(consumer, "producer", None) is producer:
+        consumer.unregisterProducer()
 
 
 _REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed", 407: b"Proxy Authentication Required",
