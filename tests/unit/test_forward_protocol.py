@@ -1,0 +1,64 @@
+"""The forward proxy protocol on fakes: detection, auth before connect, deadlines."""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from wmproxy_tw.config import load_text
+from wmproxy_tw.forward.server import ForwardFactory
+
+
+def _proto(extra: str = "") -> tuple[object, StringTransport, MemoryReactorClock]:
+    reactor = MemoryReactorClock()
+    cfg = load_text(f'[proxy]\nbind = "127.0.0.1:0"\n{extra}').config.proxy
+    f = ForwardFactory(reactor, cfg)
+    p = f.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    t = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555),
+                        hostAddress=IPv4Address("TCP", "127.0.0.1", 8090))
+    p.makeConnection(t)
+    return p, t, reactor
+
+
+def test_socks5_fed_byte_by_byte_connects_once() -> None:
+    """A SOCKS5 CONNECT fed one byte at a time opens exactly one upstream connection."""
+    p, t, reactor = _proto()
+    for byte in b"\x05\x01\x00" + b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50":
+        p.dataReceived(bytes([byte]))
+    assert t.value() == b"\x05\x00"
+    assert [(h, port) for h, port, *_ in reactor.tcpClients] == [("127.0.0.1", 80)]
+
+
+def test_credentials_checked_before_connecting() -> None:
+    """Without valid Proxy-Authorization no upstream connection is attempted (407)."""
+    p, t, reactor = _proto('username = "u"\npassword = "p"')
+    p.dataReceived(b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert t.value().startswith(b"HTTP/1.1 407 ")
+    assert b'Proxy-Authenticate: Basic realm="wmproxy"' in t.value()
+    assert reactor.tcpClients == []
+
+
+def test_valid_credentials_connect() -> None:
+    """With valid credentials the CONNECT target is dialled."""
+    p, _t, reactor = _proto('username = "u"\npassword = "p"')
+    cred = base64.b64encode(b"u:p").decode()
+    p.dataReceived(f"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {cred}\r\n\r\n".encode())
+    assert [(h, port) for h, port, *_ in reactor.tcpClients] == [("127.0.0.1", 443)]
+
+
+def test_silent_client_is_closed_at_header_deadline() -> None:
+    """A client that sends nothing is dropped when the header deadline passes."""
+    _p, t, reactor = _proto('header_timeout = "2s"')
+    reactor.advance(1.9)
+    assert not t.disconnecting
+    reactor.advance(0.2)
+    assert t.disconnecting or t.disconnected
+
+
+def test_flag_restricts_protocols() -> None:
+    """With flag = "http" a SOCKS5 greeting is refused without a reply."""
+    p, t, reactor = _proto('flag = "http"')
+    p.dataReceived(b"\x05\x01\x00")
+    assert t.value() == b"" and reactor.tcpClients == []
