@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from wmproxy_tw.balance import (
@@ -26,24 +23,6 @@ from wmproxy_tw.balance.selector import hash64
 from wmproxy_tw.balance.testing import FakeSelector
 
 pytestmark = pytest.mark.timeout(5)
-
-
-@pytest.fixture(autouse=True)
-def _no_logged_errors() -> Iterator[None]:
-    """Fail the test if anything logs a failure (including unhandled Deferred errors)."""
-    failures: list[dict] = []
-
-    def observer(event: dict) -> None:
-        if "log_failure" in event:
-            failures.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield
-        gc.collect()
-    finally:
-        globalLogPublisher.removeObserver(observer)
-    assert not failures, [e["log_failure"].getTraceback() for e in failures]
 
 
 def spec(port: int, **kw: object) -> MemberSpec:

@@ -6,8 +6,6 @@ are exercised against loopback servers on 127.0.0.1:0.
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
 
 import pytest
 import pytest_twisted
@@ -17,7 +15,6 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -44,24 +41,6 @@ from wmproxy_tw.balance.model import parse_expect
 from wmproxy_tw.balance.testing import FakeHealthChecker
 
 pytestmark = pytest.mark.timeout(5)
-
-
-@pytest.fixture(autouse=True)
-def _no_logged_errors() -> Iterator[None]:
-    """Fail the test if anything logs a failure (including unhandled Deferred errors)."""
-    failures: list[dict] = []
-
-    def observer(event: dict) -> None:
-        if "log_failure" in event:
-            failures.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield
-        gc.collect()
-    finally:
-        globalLogPublisher.removeObserver(observer)
-    assert not failures, [e["log_failure"].getTraceback() for e in failures]
 
 
 class FakeProbe:
