@@ -8,7 +8,7 @@ SRC := $(shell find wmproxy_tw twisted -name '*.py' 2>/dev/null) setup.cfg pypro
 ARGS ?=
 TEST_DEBS := curl nginx-light
 
-.PHONY: install run test test-deps lint bench clean
+.PHONY: install run test test-deps lint fuzz bench clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ test-deps: $(VENV)/.test-deps
 
 test: test-deps
 	$(PY) -m pytest tests
+
+# Every hypothesis property/fuzz test with many more examples (FUZZ_EXAMPLES, default 20000).
+fuzz: test-deps
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PY) -m pytest tests/unit -q -p no:randomly --timeout=3600
 
 lint: $(VENV)/.test-deps
 	@$(PY) -m pip install -q '.[lint]'

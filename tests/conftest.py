@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,3 +34,17 @@ def no_logged_errors() -> Iterator[list[dict[str, Any]]]:
             f = e.get("log_failure")
             texts.append(formatEvent(e) + ("\n" + f.getTraceback() if f is not None else ""))
         pytest.fail("errors were logged:\n" + "\n".join(texts))
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """`make fuzz` (FUZZ_EXAMPLES=N) runs every hypothesis test with N examples."""
+    n = os.environ.get("FUZZ_EXAMPLES")
+    if not n:
+        return
+    from hypothesis import settings
+
+    for item in items:
+        fn = getattr(item, "obj", None)
+        current = getattr(fn, "_hypothesis_internal_use_settings", None)
+        if current is not None:
+            fn._hypothesis_internal_use_settings = settings(current, max_examples=int(n), deadline=None)  # type: ignore[union-attr]
