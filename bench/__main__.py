@@ -65,11 +65,13 @@ def check_ours(ctx: Ctx, sc: Scenario) -> tuple[str, str]:
 def run_scenario(ctx: Ctx, sc: Scenario, only_ours: bool = False) -> Result:
     res = Result(sc.name, sc.title, sc.unit, sc.better, note=sc.note)
     status, note = check_ours(ctx, sc)
+    names = ("ours",) if only_ours else sc.contenders
     if status != "ok":
         res.status, res.note = status, note
         log(f"  {status.upper()}: {note}")
-        return res
-    names = ("ours",) if only_ours else sc.contenders
+        if not (ctx.peers_anyway and status == "skipped"):
+            return res
+        names = tuple(n for n in sc.contenders if n != "ours")
     res.contenders = [Contender(n) for n in names]
     running: dict[str, Running] = {}
     try:
@@ -78,12 +80,12 @@ def run_scenario(ctx: Ctx, sc: Scenario, only_ours: bool = False) -> Result:
                 running[c.name] = sc.start(c.name)
             except Missing as e:
                 c.error = f"not run: {e}"
-            except Exception as e:  # a peer that fails to start is reported, the others still run
+            except Exception as e:  # noqa: BLE001 - a peer that fails to start is reported, the others run
                 c.error = f"did not start: {e}"[:300]
             if c.error:
                 log(f"  {c.name}: {c.error}")
         live = [c for c in res.contenders if c.name in running]
-        if not any(c.name == "ours" for c in live):
+        if res.status == "ok" and not any(c.name == "ours" for c in live):
             res.status, res.note = "error", res.contenders[0].error or "ours did not start"
             return res
         if not sc.fresh_per_round:
@@ -98,7 +100,7 @@ def run_scenario(ctx: Ctx, sc: Scenario, only_ours: bool = False) -> Result:
                         p.stop()
                     try:
                         running[c.name] = sc.start(c.name)
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 - reported in the table
                         c.error = f"did not restart: {e}"[:300]
                         continue
                 _measure(sc, c, running[c.name], ctx.duration, keep=True)
@@ -109,7 +111,7 @@ def run_scenario(ctx: Ctx, sc: Scenario, only_ours: bool = False) -> Result:
             for p in r.procs:
                 p.stop(signal.SIGINT if ctx.profile else signal.SIGTERM, grace=30 if ctx.profile else 5)
     ours = res.get("ours")
-    if ours is not None and not ours.values:
+    if res.status == "ok" and ours is not None and not ours.values:
         res.status, res.note = "error", ours.error or "no measurement"
     return res
 
@@ -121,7 +123,7 @@ def _measure(sc: Scenario, c: Contender, r: Running, duration: float, keep: bool
         return
     try:
         value, extras = sc.measure(c.name, r, duration)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a failed measurement is reported, never fatal
         if os.environ.get("BENCH_DEBUG"):
             traceback.print_exc()
         if keep:
@@ -159,7 +161,7 @@ def pick_profiler(ctx: Ctx) -> str:
         return "cprofile"
     # py-spy needs to read the child's memory: try it once on a trivial child.
     r = subprocess.run([str(spy), "record", "-d", "1", "-o", str(ctx.work / "spy-probe.txt"), "-f", "raw", "--",
-                        sys.executable, "-c", "import time; time.sleep(0.5)"], capture_output=True, text=True)
+                        sys.executable, "-c", "import time; time.sleep(0.5)"], capture_output=True, text=True, check=False)
     return "py-spy" if r.returncode == 0 else "cprofile"
 
 
@@ -179,7 +181,7 @@ def write_results(ctx: Ctx, results: list[Result], started: float) -> Path:
 
 
 def _git_rev() -> str:
-    r = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    r = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, check=False)
     return r.stdout.strip()
 
 
@@ -189,7 +191,7 @@ def draw_chart(ctx: Ctx, json_path: Path) -> None:
         log("chart: no peers venv (matplotlib), skipped")
         return
     r = subprocess.run([str(py), "-m", "bench.chart", str(json_path), str(RESULTS / "latest.png")],
-                       cwd=REPO, capture_output=True, text=True)
+                       cwd=REPO, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         log(f"chart: failed: {r.stderr.strip().splitlines()[-1:]}")
     else:
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=0, help="rounds per contender (default 3 quick, 5 full)")
     ap.add_argument("--duration", type=float, default=0, help="seconds per measurement (default 2 quick, 5 full)")
     ap.add_argument("--profile", action="store_true", help="run ours only, under py-spy or cProfile; print top functions")
+    ap.add_argument("--peers", action="store_true",
+                    help="also measure the peers of scenarios ours can't run yet (their absolute figures)")
+    ap.add_argument("--profiler", choices=["auto", "py-spy", "cprofile"], default="auto")
     ap.add_argument("--no-install", action="store_true", help="don't install missing peers")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(repo=REPO, work=work, quick=args.quick, workers=args.workers,
               rounds=args.rounds or (3 if args.quick else 5),
               duration=args.duration or (2.0 if args.quick else 5.0),
-              venv=venv, peers_venv=install.PEERS_VENV)
+              venv=venv, peers_venv=install.PEERS_VENV, peers_anyway=args.peers)
     scenarios = all_scenarios(ctx)
     if args.list:
         for sc in scenarios:
@@ -249,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         install.ensure_all(log)
     make_files(ctx)
     if args.profile:
-        ctx.profile = pick_profiler(ctx)
+        ctx.profile = pick_profiler(ctx) if args.profiler == "auto" else args.profiler
         log(f"profiler: {ctx.profile}")
 
     shared: list[Proc] = []
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"\n[{sc.name}] {sc.title}")
             try:
                 results.append(run_scenario(ctx, sc, only_ours=args.profile))
-            except Exception as e:  # one broken scenario never loses the others' results
+            except Exception as e:  # noqa: BLE001 - one broken scenario never loses the others' results
                 traceback.print_exc()
                 results.append(Result(sc.name, sc.title, sc.unit, sc.better, status="error", note=str(e)[:300]))
             for p in shared:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 
@@ -15,13 +16,14 @@ def main(src: str, dst: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    doc = json.load(open(src))
+    with open(src) as f:
+        doc = json.load(f)
     labels, values, colors = [], [], []
     for sc in doc["scenarios"]:
         if sc["status"] != "ok":
             continue
         for peer, ratio in sc["ratios"].items():
-            if ratio != ratio:  # NaN
+            if math.isnan(ratio):
                 continue
             good = ratio >= 1 if sc["better"] == "higher" else ratio <= 1
             labels.append(f"{sc['name']} vs {peer}" + (" (mem, lower better)" if sc["better"] == "lower" else ""))

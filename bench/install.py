@@ -33,7 +33,7 @@ PYPI = ["pproxy", "proxy.py", "matplotlib", "py-spy"]
 
 
 def _dpkg_installed(pkg: str) -> bool:
-    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True, check=False)
     return r.returncode == 0 and "install ok installed" in r.stdout
 
 
@@ -62,7 +62,7 @@ def install_debs(log=print) -> list[str]:
     try:
         subprocess.run(sudo + ["apt-get", "update", "-qq"], env=env, check=False)
         r = subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-                           env=env, capture_output=True, text=True)
+                           env=env, capture_output=True, text=True, check=False)
         if r.returncode != 0:
             log(f"bench: apt-get failed: {r.stderr.strip().splitlines()[-1:]}")
     finally:
@@ -87,7 +87,7 @@ def install_pypi(log=print) -> list[str]:
         return []
     failed = []
     for pkg in PYPI:
-        r = subprocess.run([str(py), "-m", "pip", "install", "-q", pkg], capture_output=True, text=True)
+        r = subprocess.run([str(py), "-m", "pip", "install", "-q", pkg], capture_output=True, text=True, check=False)
         if r.returncode != 0:
             log(f"bench: pip install {pkg} failed: {r.stderr.strip().splitlines()[-1:]}")
             failed.append(pkg)

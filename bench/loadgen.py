@@ -184,7 +184,7 @@ async def rate(args: argparse.Namespace) -> dict[str, float]:
                 t, _ = await one(loop, args, target, keep=False)
                 t.close()
                 counts["ops"] += 1
-            except (OSError, RuntimeError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError, RuntimeError) as e:
                 counts["errors"] += 1
                 if not first_error:
                     first_error.append(f"{type(e).__name__}: {e}")
@@ -215,7 +215,7 @@ async def idle(args: argparse.Namespace) -> None:
             try:
                 t, _ = await one(loop, args, target, keep=True)
                 held.append(t)
-            except (OSError, RuntimeError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError, RuntimeError) as e:
                 errors += 1
                 first_error = first_error or f"{type(e).__name__}: {e}"
 

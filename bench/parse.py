@@ -33,27 +33,27 @@ def _seconds(text: str) -> float:
 
 def parse_ab(text: str) -> dict[str, float]:
     """ApacheBench output → requests/s, complete, failed, non-2xx."""
-    m = re.search(r"^Requests per second:\s+([\d.]+)", text, re.M)
+    m = re.search(r"^Requests per second:\s+([\d.]+)", text, re.MULTILINE)
     if not m:
         raise ValueError("ab printed no 'Requests per second' line: " + text.strip()[-200:])
     out = {"rps": float(m.group(1))}
     for key, pat in (("complete", r"^Complete requests:\s+(\d+)"), ("failed", r"^Failed requests:\s+(\d+)"),
                      ("non2xx", r"^Non-2xx responses:\s+(\d+)")):
-        m = re.search(pat, text, re.M)
+        m = re.search(pat, text, re.MULTILINE)
         out[key] = float(m.group(1)) if m else 0.0
     return out
 
 
 def parse_wrk(text: str) -> dict[str, float]:
     """wrk output → requests/s, bytes/s, errors (connect/write/timeout + non-2xx/3xx), read errors, p50/p99 (s)."""
-    m = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    m = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.MULTILINE)
     if not m:
         raise ValueError("wrk printed no 'Requests/sec' line: " + text.strip()[-200:])
     out = {"rps": float(m.group(1)), "errors": 0.0}
-    m = re.search(r"^Transfer/sec:\s+(\S+)", text, re.M)
+    m = re.search(r"^Transfer/sec:\s+(\S+)", text, re.MULTILINE)
     if m:
         out["bytes_per_s"] = _size(m.group(1))
-    m = re.search(r"^\s*(\d+) requests in", text, re.M)
+    m = re.search(r"^\s*(\d+) requests in", text, re.MULTILINE)
     if m:
         out["requests"] = float(m.group(1))
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
@@ -65,7 +65,7 @@ def parse_wrk(text: str) -> dict[str, float]:
     if m:
         out["errors"] += float(m.group(1))
     for pct, key in (("50", "p50"), ("99", "p99")):
-        m = re.search(rf"^\s+{pct}%\s+(\S+)", text, re.M)
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", text, re.MULTILINE)
         if m:
             out[key] = _seconds(m.group(1))
     return out
@@ -174,6 +174,9 @@ def render_table(results: list[Result]) -> str:
     for r in results:
         if r.status != "ok":
             rows.append((r.name, "-", "-", r.unit, "-", f"{r.status.upper()}: {r.note}"))
+            for c in r.contenders:  # peers measured anyway (absolute figures, no ratio)
+                note = " ".join(fmt_value(v, r.unit) for v in c.values)
+                rows.append(("", c.name, fmt_value(c.median, r.unit), r.unit, "-", c.error or note))
             continue
         ratios = r.ratios()
         for i, c in enumerate(r.contenders):

@@ -63,10 +63,9 @@ class Proc:
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> None:
-        out = open(self.log, "ab")
-        self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      cwd=self.workdir, env=self.env, start_new_session=True)
-        out.close()
+        with open(self.log, "ab") as out:
+            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          cwd=self.workdir, env=self.env, start_new_session=True)
         deadline = time.monotonic() + timeout
         pending = list(self.ports)
         while pending:
@@ -153,7 +152,7 @@ class Proc:
 def run(argv: list[str], timeout: float, stdin: bytes | None = None) -> tuple[int, str, str]:
     """Run a client program to completion: (exit code, stdout, stderr); a hang is killed."""
     try:
-        r = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
+        r = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as e:
         return -9, (e.stdout or b"").decode(errors="replace"), f"timed out after {timeout:.0f}s"
     return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")

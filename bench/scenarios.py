@@ -12,8 +12,8 @@ import math
 import select
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from . import peers
 from .parse import parse_ab, parse_iperf3, parse_wrk
@@ -50,7 +50,7 @@ def ab(url: str, duration: float, concurrency: int = 16, proxy: int | None = Non
     argv = ["ab", "-q", "-r", "-s", "10", "-c", str(concurrency), "-t", str(_secs(duration)), "-n", "1000000"]
     if proxy:
         argv += ["-X", f"127.0.0.1:{proxy}"]
-    code, out, err = run(argv + [url], timeout=duration + 30)
+    _code, out, err = run(argv + [url], timeout=duration + 30)
     try:
         r = parse_ab(out)
     except ValueError as e:
@@ -67,7 +67,7 @@ def wrk(url: str, duration: float, connections: int, headers: dict[str, str] | N
         argv += ["-H", f"{k}: {v}"]
     if script:
         argv += ["-s", script]
-    code, out, err = run(argv + [url], timeout=duration + 30)
+    _code, out, err = run(argv + [url], timeout=duration + 30)
     try:
         r = parse_wrk(out)
     except ValueError as e:
@@ -82,7 +82,7 @@ def iperf(port: int, duration: float, streams: int = 1, udp_rate: str | None = N
             "--connect-timeout", "5000"]
     if udp_rate:
         argv += ["-u", "-b", udp_rate, "-l", "1400"]
-    code, out, err = run(argv, timeout=duration + 30)
+    _code, out, _err = run(argv, timeout=duration + 30)
     try:
         r = parse_iperf3(out)
     except ValueError as e:
@@ -95,7 +95,7 @@ def iperf(port: int, duration: float, streams: int = 1, udp_rate: str | None = N
 def loadgen_rate(ctx: Ctx, mode: str, port: int, target: str, duration: float, concurrency: int = 16) -> Measured:
     argv = [ctx.python, "-m", "bench.loadgen", "rate", "--mode", mode, "--port", str(port), "--target", target,
             "-c", str(concurrency), "-d", str(duration)]
-    code, out, err = _run_in(ctx, argv, duration + 60)
+    _code, out, err = _run_in(ctx, argv, duration + 60)
     try:
         r = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -107,7 +107,7 @@ def loadgen_rate(ctx: Ctx, mode: str, port: int, target: str, duration: float, c
 
 def _run_in(ctx: Ctx, argv: list[str], timeout: float) -> tuple[int, str, str]:
     try:
-        r = subprocess.run(argv, capture_output=True, timeout=timeout, cwd=ctx.repo)
+        r = subprocess.run(argv, capture_output=True, timeout=timeout, cwd=ctx.repo, check=False)
     except subprocess.TimeoutExpired:
         return -9, "", f"timed out after {timeout:.0f}s"
     return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
