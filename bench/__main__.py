@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
               rounds=args.rounds or (3 if args.quick else 5),
               duration=args.duration or (2.0 if args.quick else 5.0),
               venv=venv, peers_venv=install.PEERS_VENV, peers_anyway=args.peers)
+    ctx.nofile = raise_nofile(65536)
     scenarios = all_scenarios(ctx)
     if args.list:
         for sc in scenarios:
@@ -247,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"no {ctx.twistd}: run `make install` first")
         return 2
 
-    nofile = ctx.nofile = raise_nofile(65536)
-    log(f"bench: open files limit {nofile}; workers={ctx.workers}; rounds={ctx.rounds}; "
+    log(f"bench: open files limit {ctx.nofile}; workers={ctx.workers}; rounds={ctx.rounds}; "
         f"{ctx.duration:g}s per measurement; temp dir {work}")
     if not args.no_install:
         install.ensure_all(log)

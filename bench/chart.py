@@ -40,12 +40,15 @@ def main(src: str, dst: str) -> None:
             ax.text(v, i, f" {v:.2f}", va="center", fontsize=7)
     else:
         ax.text(0.5, 0.5, "no ratios (every scenario skipped)", ha="center", transform=ax.transAxes)
+    skipped = [sc["name"] for sc in doc["scenarios"] if sc["status"] != "ok"]
+    if skipped:
+        fig.text(0.01, 0.005, "not run: " + ", ".join(skipped), fontsize=7, wrap=True)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("ours / peer (log scale; 1 = parity)")
     mode = "QUICK" if doc.get("quick") else "full"
     ax.set_title(f"wmproxy-tw bench ({mode}, workers={doc.get('workers')}, {doc.get('git', '')}, {doc.get('started', '')})",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(dst, dpi=110)
 
 

@@ -128,7 +128,7 @@ def nginx_text(ctx: Ctx, d: Path, http: str = "", stream: str = "", workers: str
         "daemon off;",
         f"pid {d}/nginx.pid;",
         f"error_log {d}/error.log warn;",
-        f"events {{ worker_connections {ctx.nofile // 2}; multi_accept on; }}",
+        f"events {{ worker_connections {ctx.nofile - 100}; multi_accept on; }}",
     ]
     if http:
         out.append(f"""http {{
@@ -205,7 +205,7 @@ def haproxy(ctx: Ctx, port: int, target: int, mode: str = "tcp") -> Proc:
     d = ctx.dir(f"haproxy-{mode}")
     threads = "    nbthread 1\n" if ctx.workers == "1" else ""
     (d / "haproxy.cfg").write_text(f"""global
-    maxconn {ctx.nofile // 2 - 100}
+    maxconn {ctx.nofile // 2 - 50}
 {threads}defaults
     mode {mode}
     timeout connect 5s
