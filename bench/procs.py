@@ -130,22 +130,15 @@ class Proc:
         if self.popen is None:
             return
         pgid = self.popen.pid
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(pgid, signal.SIGKILL)  # stragglers of the group (forked children)
-        except ProcessLookupError:
-            pass
-        try:
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
+        for s in (sig, signal.SIGKILL):  # then the stragglers of the group (forked children)
+            try:
+                os.killpg(pgid, s)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
         self.popen = None
 
 

@@ -186,6 +186,10 @@ class Scenario:
         """Process name → (config body, ports it listens on)."""
         raise NotImplementedError
 
+    def one(self, body: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The usual case: one process of ours, listening on the port called "ours"."""
+        return {"ours": (body, (self.p("ours"),))}
+
     def start(self, who: str) -> Running:
         if who == "ours":
             configs = self.ours_configs()
@@ -228,7 +232,7 @@ class Forward(Scenario):
     peers = ("pproxy", "proxy.py", "tinyproxy")
 
     def ours_configs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return {"ours": (_forward_body(self.p("ours")), (self.p("ours"),))}
+        return self.one(_forward_body(self.p("ours")))
 
     def start_peer(self, who: str) -> Running:
         start: dict[str, Callable[[Ctx, int], Proc]] = {
@@ -322,7 +326,7 @@ class Reverse(Scenario):
         self.title = f"reverse proxy to nginx origin, 1 KiB, keep-alive (wrk -c {connections})"
 
     def ours_configs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return {"ours": (_reverse_body(self.ctx, self.p("ours")), (self.p("ours"),))}
+        return self.one(_reverse_body(self.ctx, self.p("ours")))
 
     def start_peer(self, who: str) -> Running:
         if who == "haproxy":
@@ -371,7 +375,7 @@ bind_addr = "127.0.0.1:{self.p('ours')}"
 rule = "/"
 file_server = {{ root = "{self.ctx.www}" }}
 """
-        return {"ours": (body, (self.p("ours"),))}
+        return self.one(body)
 
     def start_peer(self, who: str) -> Running:
         return Running([peers.nginx_static(self.ctx, self.p(who))], self.p(who))
@@ -397,7 +401,7 @@ key = "{self.ctx.key}"
 rule = "/"
 static_response = "ok"
 """
-        return {"ours": (body, (self.p("ours"),))}
+        return self.one(body)
 
     def start_peer(self, who: str) -> Running:
         return Running([peers.nginx_tls(self.ctx, self.p(who))], self.p(who))
@@ -426,7 +430,7 @@ class TcpRelay(Scenario):
 bind_addr = "127.0.0.1:{self.p('ours')}"
 proxy_url = "tcp://127.0.0.1:{self.target}"
 """
-        return {"ours": (body, (self.p("ours"),))}
+        return self.one(body)
 
     @property
     def target(self) -> int:
