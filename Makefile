@@ -8,7 +8,7 @@ SRC := $(shell find wmproxy_tw twisted -name '*.py' 2>/dev/null) setup.cfg pypro
 ARGS ?=
 TEST_DEBS := curl nginx-light
 
-.PHONY: install run test test-deps lint fuzz bench clean
+.PHONY: install run test test-deps lint fuzz bench profile clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,19 @@ lint: $(VENV)/.test-deps
 	@$(PY) -m pip install -q '.[lint]'
 	$(VENV)/bin/ruff check wmproxy_tw tests
 	$(VENV)/bin/mypy wmproxy_tw
+
+# Benchmarks (SPEC §11): never part of `make test`.  Installs the peers it needs.
+#   make bench [SCENARIO=name[,name]] [QUICK=1] [WORKERS=1|auto] [BENCH_FLAGS=--peers]
+#   make profile SCENARIO=name      (ours only, under py-spy or cProfile: top functions)
+BENCH_ARGS = $(if $(SCENARIO),--scenario $(SCENARIO)) $(if $(filter-out 0,$(QUICK)),--quick) \
+	$(if $(WORKERS),--workers $(WORKERS)) $(BENCH_FLAGS)
+
+bench: install
+	VENV_DIR=$(VENV) $(PY) -m bench $(BENCH_ARGS)
+
+profile: install
+	@test -n "$(SCENARIO)" || { echo "usage: make profile SCENARIO=name (make bench BENCH_FLAGS=--list)"; exit 2; }
+	VENV_DIR=$(VENV) $(PY) -m bench --profile $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -81,8 +81,11 @@ class TargetPolicy:
                 ips = {"*"}
             for ip in ips:
                 self.denied.add((ip, a.port))
+        self.ports = {port for _ip, port in self.denied}
 
     def allows(self, host: str, port: int) -> bool:
+        if port not in self.ports:
+            return True
         ip = _literal(host)
         text = str(ip) if ip is not None else host.lower()
         if (text, port) in self.denied:

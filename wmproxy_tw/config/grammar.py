@@ -311,7 +311,7 @@ class IPSet:
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def __contains__(self, ip: object) -> bool:
-        if not isinstance(ip, str):
+        if not self.networks or not isinstance(ip, str):
             return False
         try:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
