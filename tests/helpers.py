@@ -17,9 +17,13 @@ ENV = dict(os.environ, NO_PROXY="", no_proxy="", http_proxy="", https_proxy="", 
            HTTP_PROXY="", HTTPS_PROXY="", ALL_PROXY="")
 
 
-async def start_proxy(text: str) -> ProxyService:
-    """Start a ProxyService from config text in this reactor (listeners on port 0)."""
-    svc = ProxyService(reactor, load_text(text, "test.toml"))
+async def start_proxy(text: str, control: bool = False) -> ProxyService:
+    """Start a ProxyService from config text in this reactor (listeners on port 0).
+
+    The control API (127.0.0.1:8837 unless the text sets ``control``) is off
+    unless ``control`` is True: tests must not fight over a fixed port.
+    """
+    svc = ProxyService(reactor, load_text(text, "test.toml"), control=control)
     svc.bind_all()
     svc.startService()
     return svc
