@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import __version__
 from .config import Config, ConfigError, Loaded, load_config
@@ -102,6 +103,7 @@ def resolve_workers(config: Config) -> int:
     return max(1, os.cpu_count() or 1) if w == "auto" else int(w)
 
 
+@implementer(IController)
 class ProxyService(service.MultiService):
     """Owns the listeners and features of the running configuration.
 
@@ -125,12 +127,13 @@ class ProxyService(service.MultiService):
         self.with_control = control
         self.serve = serve
         self.role = role  # "single" | "worker" | "supervisor"
-        self.controller: IController = self  # type: ignore[assignment]
+        self.controller: IController = self
         self.stopper: Optional[Callable[[], Any]] = None
         self.started_at = reactor.seconds()
         self.loaded_at = self.started_at
         self.reloads = 0
         self._stopping: Optional[Deferred[Any]] = None
+        self._stop_requested = False
         self._abort_now: Optional[Callable[[], None]] = None
         self.stats.set_live(self.status)
 
@@ -161,21 +164,25 @@ class ProxyService(service.MultiService):
             f.start()
 
     # -- reload -----------------------------------------------------------------
-    def reload(self, loaded: Loaded) -> dict[str, Any]:
+    def reload(self, loaded: Loaded, record: bool = True) -> dict[str, Any]:
         """Apply ``loaded`` or change nothing: raise :class:`ReloadError`.
 
         Unchanged listeners keep their sockets (their dispatch gets the new
         feature's factory), removed ones close, added ones open; a new
         listener that cannot bind fails the reload and closes those this
         reload already opened.  Connections in flight keep their old objects.
+        ``record``: count it in ``wmproxy_reloads_total`` (a supervisor's
+        roll-back is not counted).
         """
         try:
             summary = self._reload(loaded)
         except ReloadError as e:
-            self.stats.reload(False)
+            if record:
+                self.stats.reload(False)
             _log.warn("reload of {path} refused: {errors}", path=loaded.path, errors="; ".join(e.errors))  # noqa: G010
             raise
-        self.stats.reload(True)
+        if record:
+            self.stats.reload(True)
         return summary
 
     def _reload(self, loaded: Loaded) -> dict[str, Any]:
@@ -243,11 +250,16 @@ class ProxyService(service.MultiService):
 
     # -- stop ---------------------------------------------------------------------
     def request_stop(self) -> None:
-        """A stop signal or ``POST /stop``: stop the process (or just this service)."""
-        if self._stopping is not None and self._abort_now is not None:
-            _log.info("second stop request: aborting open connections now")
-            self._abort_now()
+        """A stop signal or ``POST /stop``: stop the process (or just this service).
+
+        A second request while draining aborts the connections still open.
+        """
+        if self._stop_requested:
+            if self._abort_now is not None:
+                _log.info("second stop request: aborting open connections now")
+                self._abort_now()
             return
+        self._stop_requested = True
         if self.stopper is not None:
             self.stopper()
         else:

@@ -58,17 +58,18 @@ class IController(Interface):
     """What the control API drives: a :class:`~wmproxy_tw.service.ProxyService`,
     or the supervisor of worker processes.  Each method may return a Deferred."""
 
-    def control_status() -> dict[str, Any]:
-        """The /status document."""
+    def control_status() -> Any:
+        """The /status document (a dict, or a Deferred firing with one)."""
 
-    def control_metrics() -> bytes:
-        """The Prometheus text exposition."""
+    def control_metrics() -> Any:
+        """The Prometheus text exposition (bytes, or a Deferred firing with them)."""
 
     def control_config() -> Config:
         """The running configuration (the API redacts it)."""
 
-    def control_reload() -> dict[str, Any]:
-        """Re-read the configuration file and apply it; raise :class:`ReloadError`."""
+    def control_reload() -> Any:
+        """Re-read the configuration file and apply it: a summary dict (or a Deferred);
+        raise (or fail with) :class:`ReloadError`."""
 
     def control_stop() -> None:
         """Stop gracefully (the API has already answered)."""
