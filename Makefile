@@ -8,7 +8,7 @@ SRC := $(shell find wmproxy_tw twisted -name '*.py' 2>/dev/null) setup.cfg pypro
 ARGS ?=
 TEST_DEBS := curl nginx-light
 
-.PHONY: install run test test-deps lint bench clean
+.PHONY: install run test test-deps lint bench clean dashboard-shot
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ test-deps: $(VENV)/.test-deps
 
 test: test-deps
 	$(PY) -m pytest tests
+
+# The dashboard in headless Chromium, as build/dashboard.png (installs Debian's chromium: large, so not in `test`).
+dashboard-shot: test-deps
+	@command -v chromium >/dev/null || { echo "installing chromium (apt-get)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	$(PY) -m tests.dashboard_shot build/dashboard.png
 
 lint: $(VENV)/.test-deps
 	@$(PY) -m pip install -q '.[lint]'

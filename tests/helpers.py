@@ -178,8 +178,10 @@ class Running(ProcessProtocol):
         return int(self.transport.pid)  # type: ignore[union-attr]
 
     def signal(self, name: str) -> None:
+        import signal
+
         try:
-            self.transport.signalProcess(name)  # type: ignore[union-attr]
+            self.transport.signalProcess(getattr(signal, "SIG" + name))  # type: ignore[union-attr]
         except error.ProcessExitedAlready:
             pass
 

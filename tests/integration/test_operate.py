@@ -265,3 +265,28 @@ async def test_disable_control_and_dashboard(tmp_path: Path) -> None:
         await client.closed
     finally:
         await proc.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigusr1_reopens_a_log_moved_by_logrotate(tmp_path: Path) -> None:
+    """SIGUSR1 after logrotate moved twistd.log: a new twistd.log is opened and written to."""
+    control, p1 = free_port(), free_port()
+    conf = write_conf(tmp_path / "conf.toml", control, [p1])
+    log = tmp_path / "twistd.log"
+    proc = run_twistd(conf, f"--logfile={log}")
+    try:
+        await wait_port(control)
+        log.rename(tmp_path / "twistd.log.1")
+        proc.signal("USR1")
+        for _ in range(100):
+            if log.exists():
+                break
+            await deferLater(0.05)
+        assert log.exists()
+        code, _b = await http_call("POST", f"http://127.0.0.1:{control}/reload")
+        assert code == 200
+        assert await proc.stop() == 0
+        assert b"reloaded" in log.read_bytes() and b"stopped" in log.read_bytes()
+        assert b"reloaded" not in (tmp_path / "twistd.log.1").read_bytes()
+    finally:
+        await proc.stop()
