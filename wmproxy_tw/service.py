@@ -28,7 +28,7 @@ from .forward import feature as forward_feature
 from .listen import ListenerRegistry, StartupError, diff
 from .observe.stats import Stats
 
-__all__ = ["BUILDERS", "ProxyService", "ReloadError", "build_features", "plan", "resolve_workers"]
+__all__ = ["BUILDERS", "ProxyService", "ReloadError", "build_features", "plan", "reread", "resolve_workers"]
 
 _log = Logger()
 
@@ -95,6 +95,20 @@ def plan(config: Config, control: bool = True) -> list[str]:
     """Check what can't start (before binding) and describe the listeners."""
     _features, specs = build_features(BuildContext(reactor=None), config, control=control)
     return [s.describe() for s in specs]
+
+
+def reread(current: Loaded, stats: Stats) -> Loaded:
+    """The file ``current`` came from, read and validated again; ReloadError (counted) if unusable."""
+    path = current.path
+    if path is None or not Path(path).is_file():
+        stats.reload(False)
+        raise ReloadError([f"started without a configuration file ({path}): nothing to reload"])
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        stats.reload(False)
+        _log.warn("reload of {path} refused: {errors}", path=path, errors="; ".join(e.errors))  # noqa: G010
+        raise ReloadError(e.errors) from None
 
 
 def resolve_workers(config: Config) -> int:
@@ -236,17 +250,7 @@ class ProxyService(service.MultiService):
 
     def reload_from_source(self) -> dict[str, Any]:
         """Re-read the configuration file the service runs from and apply it."""
-        path = self.loaded.path
-        if path is None or not Path(path).is_file():
-            self.stats.reload(False)
-            raise ReloadError([f"started without a configuration file ({path}): nothing to reload"])
-        try:
-            loaded = load_config(path)
-        except ConfigError as e:
-            self.stats.reload(False)
-            _log.warn("reload of {path} refused: {errors}", path=path, errors="; ".join(e.errors))  # noqa: G010
-            raise ReloadError(e.errors) from None
-        return self.reload(loaded)
+        return self.reload(reread(self.loaded, self.stats))
 
     # -- stop ---------------------------------------------------------------------
     def request_stop(self) -> None:

@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 import wmproxy_tw
 
-from ..config import Config, ConfigError, Loaded, load_config
+from ..config import Config, Loaded
 from ..feature import BuildContext
 from ..listen import StartupError
 from .api import IController, ReloadError
@@ -318,17 +318,12 @@ class Supervisor(service.Service):
         return Deferred.fromCoroutine(self._reload())
 
     async def _reload(self) -> dict[str, Any]:
-        path = self.loaded.path
-        if path is None or not Path(path).is_file():
-            self.stats.reload(False)
-            raise ReloadError([f"started without a configuration file ({path}): nothing to reload"])
+        from ..service import reread
+
+        loaded = reread(self.loaded, self.stats)
+        path = loaded.path
         try:
-            loaded = load_config(path)
             _check_shareable(loaded.config, probe=False)
-        except ConfigError as e:
-            self.stats.reload(False)
-            _log.warn("reload of {path} refused: {errors}", path=path, errors="; ".join(e.errors))  # noqa: G010
-            raise ReloadError(e.errors) from None
         except StartupError as e:
             self.stats.reload(False)
             raise ReloadError([str(e)]) from None
