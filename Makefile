@@ -8,7 +8,7 @@ SRC := $(shell find wmproxy_tw twisted -name '*.py' 2>/dev/null) setup.cfg pypro
 ARGS ?=
 TEST_DEBS := curl nginx-light
 
-.PHONY: install run test test-deps lint fuzz bench profile clean
+.PHONY: install run test test-deps lint fuzz bench profile clean dashboard-shot
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,12 @@ test: test-deps
 # Every hypothesis property/fuzz test with many more examples (FUZZ_EXAMPLES, default 20000).
 fuzz: test-deps
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PY) -m pytest tests/unit -q -p no:randomly --timeout=3600
+
+# The dashboard in headless Chromium, as build/dashboard.png (installs Debian's chromium: large, so not in `test`).
+dashboard-shot: test-deps
+	@command -v chromium >/dev/null || { echo "installing chromium (apt-get)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	$(PY) -m tests.dashboard_shot build/dashboard.png
 
 lint: $(VENV)/.test-deps
 	@$(PY) -m pip install -q '.[lint]'

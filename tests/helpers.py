@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
-from twisted.internet import defer, reactor, utils
+from twisted.internet import defer, error, reactor, utils
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.web import resource, server
+from twisted.web.client import Agent
+from twisted.web.http_headers import Headers
 
 from wmproxy_tw.config import load_text
 from wmproxy_tw.service import ProxyService
@@ -17,9 +22,13 @@ ENV = dict(os.environ, NO_PROXY="", no_proxy="", http_proxy="", https_proxy="", 
            HTTP_PROXY="", HTTPS_PROXY="", ALL_PROXY="")
 
 
-async def start_proxy(text: str) -> ProxyService:
-    """Start a ProxyService from config text in this reactor (listeners on port 0)."""
-    svc = ProxyService(reactor, load_text(text, "test.toml"))
+async def start_proxy(text: str, control: bool = False) -> ProxyService:
+    """Start a ProxyService from config text in this reactor (listeners on port 0).
+
+    The control API (127.0.0.1:8837 unless the text sets ``control``) is off
+    unless ``control`` is True: tests must not fight over a fixed port.
+    """
+    svc = ProxyService(reactor, load_text(text, "test.toml"), control=control)
     svc.bind_all()
     svc.startService()
     return svc
@@ -118,3 +127,151 @@ async def run_input(argv: list[str], data: bytes) -> tuple[bytes, bytes, int]:
     proto = _Collect(data)
     reactor.spawnProcess(proto, argv[0], argv, env=ENV)
     return await proto.done
+
+
+# ------------------------------------------------------------------ twistd as an operator runs it
+
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+WMPROXY = str(Path(sys.executable).with_name("wmproxy"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_port(port: int, seconds: float = 20.0, up: bool = True) -> None:
+    """Wait until something listens on 127.0.0.1:port (or, ``up=False``, until nothing does)."""
+    for _ in range(int(seconds * 20)):
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if (s.connect_ex(("127.0.0.1", port)) == 0) == up:
+                return
+        await deferLater(0.05)
+    raise AssertionError(f"port {port} still {'closed' if up else 'open'} after {seconds}s")
+
+
+class Running(ProcessProtocol):
+    """A child process: its output, and ``ended`` firing with the exit code (or minus the signal)."""
+
+    def __init__(self) -> None:
+        self.ended: defer.Deferred[int] = defer.Deferred()
+        self.out = b""
+        self.err = b""
+        self.code: Optional[int] = None
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        value = getattr(reason, "value", None)
+        code = getattr(value, "exitCode", None)
+        self.code = code if code is not None else -(getattr(value, "signal", 0) or 0)
+        self.ended.callback(self.code)
+
+    @property
+    def pid(self) -> int:
+        return int(self.transport.pid)  # type: ignore[union-attr]
+
+    def signal(self, name: str) -> None:
+        import signal
+
+        try:
+            self.transport.signalProcess(getattr(signal, "SIG" + name))  # type: ignore[union-attr]
+        except error.ProcessExitedAlready:
+            pass
+
+    async def stop(self, seconds: float = 20.0) -> int:
+        """SIGTERM unless it ended; wait (bounded) for the exit code."""
+        if self.code is None:
+            self.signal("TERM")
+        return await self.ended.addTimeout(seconds, reactor)
+
+
+def spawn(argv: list[str], cwd: Optional[Path] = None) -> Running:
+    proc = Running()
+    reactor.spawnProcess(proc, argv[0], argv, env=ENV, path=str(cwd) if cwd else None)
+    return proc
+
+
+def run_twistd(conf: Path, *extra: str) -> Running:
+    """``twistd -n wmproxy -c conf`` in the foreground, in the config's folder."""
+    return spawn([TWISTD, "-n", "--pidfile=", *extra, "wmproxy", "-c", str(conf)], cwd=conf.parent)
+
+
+async def http_call(method: str, url: str, token: Optional[str] = None,
+                    headers: Optional[dict[str, str]] = None, timeout: float = 15.0) -> tuple[int, bytes]:
+    """One HTTP request without a proxy: (status, body)."""
+    h = Headers({k: [v] for k, v in (headers or {}).items()})
+    if token:
+        h.addRawHeader("Authorization", f"Bearer {token}")
+    resp = await Agent(reactor).request(method.encode(), url.encode(), h).addTimeout(timeout, reactor)
+    body = _Body()
+    resp.deliverBody(body)
+    return resp.code, await body.done.addTimeout(timeout, reactor)
+
+
+class _Body(Protocol):
+    """Collects a response body (readBody warns about the Agent's own transport)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(b"".join(self.parts))
+
+
+class RawClient(Protocol):
+    """A TCP client for tests: ``wait_for(bytes)`` and ``closed``."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self._waiting: Optional[tuple[bytes, defer.Deferred[bytes]]] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buf += data
+        self._check()
+
+    def _check(self) -> None:
+        if self._waiting is not None and self._waiting[0] in self.buf:
+            needle, d = self._waiting
+            self._waiting = None
+            end = self.buf.index(needle) + len(needle)
+            got, self.buf = self.buf[:end], self.buf[end:]
+            d.callback(got)
+
+    def wait_for(self, needle: bytes, seconds: float = 10.0) -> defer.Deferred[bytes]:
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self._waiting = (needle, d)
+        self._check()
+        return d.addTimeout(seconds, reactor)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._waiting is not None:
+            self._waiting[1].errback(reason)
+            self._waiting = None
+        self.closed.callback(None)
+
+
+async def raw_connect(port: int) -> RawClient:
+    proto = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), proto)
+    return proto
+
+
+async def connect_tunnel(proxy_port: int, target_port: int) -> RawClient:
+    """A CONNECT tunnel through the forward proxy to 127.0.0.1:target_port."""
+    c = await raw_connect(proxy_port)
+    c.transport.write(f"CONNECT 127.0.0.1:{target_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # type: ignore[union-attr]
+    head = await c.wait_for(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return c

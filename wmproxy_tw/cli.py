@@ -1,71 +1,169 @@
-"""``wmproxy``: talk to a running instance (check, reload, stop, status)."""
+"""``wmproxy``: check a file, or talk to a running instance (reload, stop, status).
+
+The instance is found at ``-u URL`` (default http://127.0.0.1:8837), or at
+the ``control`` address of ``-c FILE``; the token comes from ``-t``, then
+``$WMPROXY_CONTROL_TOKEN``, then ``control_token`` in ``-c FILE``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
+from typing import Any, Optional
 
 from .config import ConfigError, load_config
 
 DEFAULT_CONTROL = "http://127.0.0.1:8837"
+TOKEN_ENV = "WMPROXY_CONTROL_TOKEN"
 
 
-def _call(url: str, method: str, token: str | None) -> tuple[int, str]:
+def _call(url: str, method: str, token: str | None, timeout: float) -> tuple[int, str]:
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through $http_proxy
     try:
-        with urllib.request.urlopen(req, timeout=15) as resp:
+        with opener.open(req, timeout=timeout) as resp:
             return resp.status, resp.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode("utf-8", "replace")
 
 
+def _errors(body: str) -> list[str]:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return [body.strip()]
+    return [str(e) for e in doc.get("errors", [])] if isinstance(doc, dict) else [body.strip()]
+
+
+def _target(args: argparse.Namespace) -> tuple[str, Optional[str]]:
+    """The control URL and token from -u/-t, the environment and -c FILE."""
+    url, token = args.url, args.token or os.environ.get(TOKEN_ENV) or None
+    if args.config:
+        loaded = load_config(args.config)  # ConfigError: reported by main
+        cfg = loaded.config
+        if cfg.disable_control:
+            raise ConfigError([f"{args.config}: disable_control = true: this instance has no control API "
+                               "(use signals: kill -HUP / -TERM <pid>)"])
+        if url is None:
+            host = "127.0.0.1" if cfg.control.host in ("0.0.0.0", "") else ("::1" if cfg.control.host == "::" else cfg.control.host)
+            url = f"http://{'[' + host + ']' if ':' in host else host}:{cfg.control.port}"
+        token = token or cfg.control_token
+    url = url or DEFAULT_CONTROL
+    if "://" not in url:
+        url = f"http://{url}"
+    return url.rstrip("/"), token
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wmproxy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="wmproxy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p_check = sub.add_parser("check", help="validate a configuration file")
+    p_check = sub.add_parser("check", help="validate a configuration file and list its listeners")
     p_check.add_argument("-c", "--config", required=True)
-    for name in ("reload", "stop", "status"):
-        p = sub.add_parser(name, help=f"{name} a running instance")
-        p.add_argument("-u", "--url", default=DEFAULT_CONTROL, help="control API address")
-        p.add_argument("-t", "--token", default=None, help="control_token, if one is set")
+    for name, text in (("reload", "re-read the configuration file of a running instance"),
+                       ("stop", "stop a running instance gracefully"),
+                       ("status", "show listeners, connections, upstream health of a running instance")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("-u", "--url", default=None, help=f"control API address (default {DEFAULT_CONTROL})")
+        p.add_argument("-t", "--token", default=None, help=f"control_token (or ${TOKEN_ENV})")
+        p.add_argument("-c", "--config", default=None, help="take the control address and token from this file")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print the raw /status document")
     args = parser.parse_args(argv)
 
     if args.cmd == "check":
-        try:
-            loaded = load_config(args.config)
-        except ConfigError as e:
-            for line in e.errors:
-                sys.stderr.write(f"wmproxy: {line}\n")
-            return 1
-        for w in loaded.warnings:
-            sys.stderr.write(f"wmproxy: warning: {w}\n")
-        sys.stdout.write(f"{args.config}: configuration OK\n")
-        return 0
+        from .tap import run_check
 
-    url = args.url if "://" in args.url else f"http://{args.url}"
+        return run_check(args.config)
+
+    try:
+        url, token = _target(args)
+    except ConfigError as e:
+        for line in e.errors:
+            sys.stderr.write(f"wmproxy: {line}\n")
+        return 1
     method, path = {"reload": ("POST", "/reload"), "stop": ("POST", "/stop"), "status": ("GET", "/status")}[args.cmd]
     try:
-        status, body = _call(url.rstrip("/") + path, method, args.token)
+        status, body = _call(url + path, method, token, args.timeout)
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        sys.stderr.write(f"wmproxy: no instance answers at {url}: {reason}\n")
+        sys.stderr.write(f"wmproxy: no instance answers at {url} ({reason}): is wmproxy running, with its "
+                         "`control` at this address? (see -u URL or -c FILE)\n")
+        return 1
+    if status == 401:
+        what = "refused the token" if token else "needs a token"
+        sys.stderr.write(f"wmproxy: the control API at {url} {what}: pass -t TOKEN, set ${TOKEN_ENV}, "
+                         "or -c FILE with control_token\n")
         return 1
     if status >= 400:
-        sys.stderr.write(f"wmproxy: {args.cmd} failed ({status}): {body.strip()}\n")
+        errors = _errors(body)
+        if args.cmd == "reload" and status == 400:
+            sys.stderr.write("wmproxy: reload refused; the running configuration stays:\n")
+        else:
+            sys.stderr.write(f"wmproxy: {args.cmd} failed (HTTP {status}):\n")
+        for line in errors:
+            sys.stderr.write(f"  {line}\n")
         return 1
+    doc = json.loads(body) if body.strip().startswith("{") else {}
     if args.cmd == "status":
-        try:
-            sys.stdout.write(json.dumps(json.loads(body), indent=2) + "\n")
-        except ValueError:
-            sys.stdout.write(body)
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else format_status(doc))
+    elif args.cmd == "reload":
+        sys.stdout.write(f"reloaded {doc.get('config')}: kept {len(doc.get('kept', []))}, opened "
+                         f"{', '.join(doc.get('opened', [])) or 'none'}, closed {', '.join(doc.get('closed', [])) or 'none'}\n")
+        for w in doc.get("warnings", []):
+            sys.stderr.write(f"wmproxy: warning: {w}\n")
     else:
-        sys.stdout.write(body if body.endswith("\n") else body + "\n")
+        sys.stdout.write("stopping (open connections drain up to shutdown_timeout)\n")
     return 0
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    return (f"{d}d " if d else "") + (f"{h}h " if d or h else "") + f"{m}m {s % 60}s"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    """The /status document as a few readable lines."""
+    cfg = doc.get("config", {})
+    lines = [f"pid {doc.get('pid')} ({doc.get('role')}), up {_duration(doc.get('uptime', 0))}, "
+             f"config {cfg.get('path')} (sha256 {str(cfg.get('hash', ''))[:12]}), {cfg.get('reloads', 0)} reload(s)"
+             + (", STOPPING" if doc.get("stopping") else "")]
+    lines.append("listeners:")
+    for lst in doc.get("listeners", []):
+        lines.append(f"  {lst['name']:<16} {lst['kind']} {lst['bound']:<22} open {lst['open']:<5} "
+                     f"accepted {lst['accepted']}")
+    ups = doc.get("upstreams", [])
+    lines.append("upstreams:" + ("" if ups else " none"))
+    for g in ups:
+        for m in g.get("members", []):
+            lines.append(f"  {g.get('feature')}/{g['name']:<12} {m['addr']:<22} {m['state']:<9} active {m['active']}")
+    clients = doc.get("tunnel_clients", [])
+    lines.append("tunnel clients:" + ("" if clients else " none"))
+    for c in clients:
+        lines.append(f"  {c.get('name') or c.get('addr')}")
+    for w in doc.get("workers", []) or []:
+        lines.append(f"worker {w['index']}: pid {w['pid']} {w['state']}, up {_duration(w['uptime'])}, "
+                     f"open {w['open']}, accepted {w['accepted']}, restarts {w['restarts']}")
+    c = doc.get("counters", {})
+    lines.append(f"requests {int(c.get('requests', 0))}, in {_size(c.get('bytes_in', 0))}, "
+                 f"out {_size(c.get('bytes_out', 0))}, open connections {doc.get('connections', {}).get('open', 0)}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,28 +1,43 @@
 """The listener registry: bind once per address, fail loudly, swap on reload.
 
-Each bound socket is given a :class:`Dispatch` factory whose ``target`` is the
-feature's current factory; a reload replaces the target and keeps the socket,
-so no connection is refused while the configuration changes.  Open
-connections keep the protocol (and so the configuration) they started with.
+Each bound socket is given a :class:`Dispatch` factory (TCP) or a
+:class:`UdpDispatch` protocol (UDP) whose ``target`` is the feature's current
+factory or protocol.  A reload replaces the target and keeps the socket, so
+no connection is refused while the configuration changes; connections
+already open keep the protocol (and so the configuration) they started with.
+
+The dispatch also tracks its open connections, which is what ``/status``
+counts, what a graceful stop waits for (:meth:`ListenerRegistry.idle`) and
+what it aborts when ``shutdown_timeout`` has passed.  A listener that is
+closed (removed by a reload, or at stop) is *retired*: its socket is gone
+but its connections are still tracked until they end.
+
+With ``reuse_port=True`` (worker processes, see
+:mod:`wmproxy_tw.control.supervisor`) sockets are created with
+``SO_REUSEPORT`` and adopted by the reactor, so several processes share each
+address and the kernel spreads connections between them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import socket
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
 
-from twisted.application import service
 from twisted.internet import error
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 
 from .config.grammar import Address
+from .feature import ListenSpec
 
-__all__ = ["StartupError", "Dispatch", "Listener", "ListenerRegistry"]
+__all__ = ["StartupError", "Dispatch", "UdpDispatch", "Listener", "ListenerRegistry", "ListenerDiff", "diff"]
 
 _log = Logger()
+
+Key = tuple[str, Address]
 
 
 class StartupError(Exception):
@@ -32,7 +47,7 @@ class StartupError(Exception):
 class Dispatch(Factory):
     """A stable factory for a socket whose feature factory can be replaced.
 
-    It also counts open connections and enforces ``max_connections``: a
+    It tracks open connections and enforces ``max_connections``: a
     connection over the cap is closed at once.
     """
 
@@ -41,27 +56,97 @@ class Dispatch(Factory):
     def __init__(self, target: IProtocolFactory, max_connections: Optional[int] = None) -> None:
         self.target = target
         self.max_connections = max_connections
-        self.open = 0
+        self.protocols: set[Any] = set()
         self.accepted = 0
         self.refused = 0
+        self._idle_waiters: list[Deferred[None]] = []
+
+    @property
+    def open(self) -> int:
+        return len(self.protocols)
 
     def buildProtocol(self, addr: Any) -> Optional[Protocol]:
-        if self.max_connections is not None and self.open >= self.max_connections:
+        if self.max_connections is not None and len(self.protocols) >= self.max_connections:
             self.refused += 1
             return None
         proto = self.target.buildProtocol(addr)
         if proto is None:
             return None
-        self.open += 1
+        self.protocols.add(proto)
         self.accepted += 1
         lost = proto.connectionLost
 
         def counted(reason: Any = None, _lost: Any = lost) -> None:
-            self.open -= 1
-            _lost(reason)
+            self.protocols.discard(proto)
+            try:
+                _lost(reason)
+            finally:
+                if not self.protocols:
+                    self._fire_idle()
 
         proto.connectionLost = counted  # type: ignore[method-assign]
         return proto  # type: ignore[return-value]
+
+    def idle(self) -> Deferred[None]:
+        """Fires when no connection accepted here is open any more."""
+        if not self.protocols:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _fire_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def close_connections(self, abort: bool = False) -> int:
+        """Close (or abort) every open connection; returns how many."""
+        protos = list(self.protocols)
+        for p in protos:
+            transport = getattr(p, "transport", None)
+            if transport is None:
+                continue
+            if abort and hasattr(transport, "abortConnection"):
+                transport.abortConnection()
+            else:
+                transport.loseConnection()
+        return len(protos)
+
+
+class UdpDispatch(DatagramProtocol):
+    """The protocol of a UDP socket whose feature protocol can be replaced.
+
+    The target is connected to the socket (``target.transport`` is the port,
+    so it can reply from the listening address); a replaced target is stopped
+    (``doStop``) after the new one is connected.
+    """
+
+    noisy = False
+
+    def __init__(self, target: DatagramProtocol) -> None:
+        self.target = target
+
+    def startProtocol(self) -> None:
+        assert self.transport is not None
+        self.target.makeConnection(self.transport)
+
+    def stopProtocol(self) -> None:
+        self.target.doStop()
+
+    def swap(self, target: DatagramProtocol) -> None:
+        if target is self.target:
+            return
+        old, self.target = self.target, target
+        if self.transport is not None:
+            target.makeConnection(self.transport)
+            old.doStop()
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.target.datagramReceived(data, addr)
+
+    def connectionRefused(self) -> None:
+        self.target.connectionRefused()
 
 
 @dataclass
@@ -73,21 +158,66 @@ class Listener:
     name: str
     port: IListeningPort
     dispatch: Optional[Dispatch] = None
-    udp: Optional[DatagramProtocol] = None
-    connections: set[Any] = field(default_factory=set)
+    udp: Optional[UdpDispatch] = None
+    drain: bool = True
 
     @property
     def bound(self) -> Address:
         h = self.port.getHost()
         return Address(getattr(h, "host", self.addr.host), getattr(h, "port", self.addr.port))
 
+    def snapshot(self) -> dict[str, Any]:
+        d = self.dispatch
+        return {
+            "name": self.name, "kind": self.kind, "addr": str(self.addr), "bound": str(self.bound),
+            "open": d.open if d else 0, "accepted": d.accepted if d else 0, "refused": d.refused if d else 0,
+            "max_connections": d.max_connections if d else None,
+        }
 
-class ListenerRegistry(service.Service):
+
+@dataclass(frozen=True)
+class ListenerDiff:
+    """What a reload does to the sockets: keys to keep, close and open."""
+
+    keep: tuple[Key, ...]
+    close: tuple[Key, ...]
+    open: tuple[Key, ...]
+
+
+def diff(current: Iterable[Key], wanted: Iterable[Key]) -> ListenerDiff:
+    """Compare socket keys: unchanged ones keep their sockets."""
+    cur = list(dict.fromkeys(current))
+    want = list(dict.fromkeys(wanted))
+    cur_set, want_set = set(cur), set(want)
+    return ListenerDiff(
+        keep=tuple(k for k in want if k in cur_set),
+        close=tuple(k for k in cur if k not in want_set),
+        open=tuple(k for k in want if k not in cur_set),
+    )
+
+
+class ListenerRegistry:
     """All listening sockets of the process, keyed by (kind, address)."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, reuse_port: bool = False) -> None:
         self.reactor = reactor
-        self.listeners: dict[tuple[str, Address], Listener] = {}
+        self.reuse_port = reuse_port
+        self.listeners: dict[Key, Listener] = {}
+        self.retired: list[Listener] = []
+
+    # -- binding ------------------------------------------------------------
+    def open(self, spec: ListenSpec) -> Listener:
+        """Bind what ``spec`` asks for, or raise :class:`StartupError`."""
+        if spec.kind == "tcp":
+            assert spec.factory is not None, f"{spec.name}: a tcp ListenSpec needs a factory"
+            listener = self.bind_tcp(spec.addr, spec.factory, spec.name, spec.max_connections)
+        elif spec.kind == "udp":
+            assert spec.protocol is not None, f"{spec.name}: a udp ListenSpec needs a protocol"
+            listener = self.bind_udp(spec.addr, spec.protocol, spec.name)
+        else:
+            raise StartupError(f"{spec.name}: unknown listener kind {spec.kind!r}")
+        listener.drain = spec.drain
+        return listener
 
     def bind_tcp(self, addr: Address, factory: IProtocolFactory, name: str,
                  max_connections: Optional[int] = None, backlog: int = 1024) -> Listener:
@@ -97,7 +227,11 @@ class ListenerRegistry(service.Service):
             raise StartupError(f"{name}: {addr} is already used by {self.listeners[key].name}")
         dispatch = Dispatch(factory, max_connections)
         try:
-            port = self.reactor.listenTCP(addr.port, dispatch, backlog=backlog, interface=addr.host)
+            if self.reuse_port:
+                port = self._adopt(addr, socket.SOCK_STREAM, backlog,
+                                   lambda fd, fam: self.reactor.adoptStreamPort(fd, fam, dispatch))
+            else:
+                port = self.reactor.listenTCP(addr.port, dispatch, backlog=backlog, interface=addr.host)
         except error.CannotListenError as e:
             raise StartupError(f"{name}: cannot listen on {addr}: {_why(e)}") from None
         listener = Listener("tcp", addr, name, port, dispatch=dispatch)
@@ -109,38 +243,99 @@ class ListenerRegistry(service.Service):
         key = ("udp", addr)
         if key in self.listeners:
             raise StartupError(f"{name}: udp {addr} is already used by {self.listeners[key].name}")
+        udp = UdpDispatch(proto)
         try:
-            port = self.reactor.listenUDP(addr.port, proto, interface=addr.host, maxPacketSize=65535)
+            if self.reuse_port:
+                port = self._adopt(addr, socket.SOCK_DGRAM, 0,
+                                   lambda fd, fam: self.reactor.adoptDatagramPort(fd, fam, udp, maxPacketSize=65535))
+            else:
+                port = self.reactor.listenUDP(addr.port, udp, interface=addr.host, maxPacketSize=65535)
         except error.CannotListenError as e:
             raise StartupError(f"{name}: cannot listen on udp {addr}: {_why(e)}") from None
-        listener = Listener("udp", addr, name, port, udp=proto)
+        listener = Listener("udp", addr, name, port, udp=udp)
         self.listeners[key] = listener
         _log.info("{name} listening on udp {addr}", name=name, addr=str(listener.bound))
         return listener
 
+    def _adopt(self, addr: Address, kind: int, backlog: int, adopt: Any) -> IListeningPort:
+        """A socket with SO_REUSEPORT, bound (and listening), handed to the reactor."""
+        family = socket.AF_INET6 if addr.is_ipv6 else socket.AF_INET
+        sock = socket.socket(family, kind)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((addr.host, addr.port))
+            if kind == socket.SOCK_STREAM:
+                sock.listen(backlog)
+            sock.setblocking(False)
+            port: IListeningPort = adopt(sock.fileno(), family)  # the reactor dups the descriptor
+            return port
+        except OSError as e:
+            raise error.CannotListenError(addr.host, addr.port, e) from None
+        finally:
+            sock.close()
+
+    def update(self, spec: ListenSpec) -> None:
+        """Point a kept socket at ``spec``'s new factory/protocol (a reload)."""
+        listener = self.listeners[spec.key]
+        listener.name = spec.name
+        listener.drain = spec.drain
+        if listener.dispatch is not None:
+            assert spec.factory is not None
+            listener.dispatch.target = spec.factory
+            listener.dispatch.max_connections = spec.max_connections
+        if listener.udp is not None:
+            assert spec.protocol is not None
+            listener.udp.swap(spec.protocol)
+
     def find(self, kind: str, addr: Address) -> Optional[Listener]:
         return self.listeners.get((kind, addr))
 
+    # -- closing --------------------------------------------------------------
     def close(self, kind: str, addr: Address) -> Deferred[Any]:
+        """Stop listening on ``(kind, addr)``; its open connections carry on."""
         listener = self.listeners.pop((kind, addr), None)
         if listener is None:
-            d: Deferred[Any] = Deferred()
-            d.callback(None)
-            return d
+            return succeed(None)
+        d = listener.dispatch
+        if d is not None and d.open:
+            self.retired.append(listener)
+            d.idle().addCallback(lambda _: self.retired.remove(listener))
+        _log.info("{name} stopped listening on {addr}", name=listener.name, addr=str(addr))
         return _maybe_deferred(listener.port.stopListening())
 
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        ds = [self.close(kind, addr) for (kind, addr) in list(self.listeners)]
+    def close_all(self) -> Deferred[Any]:
+        return DeferredList([self.close(kind, addr) for (kind, addr) in list(self.listeners)])
+
+    # -- connections ----------------------------------------------------------
+    def all_listeners(self) -> Iterator[Listener]:
+        """Bound listeners, then retired ones (closed, connections still open)."""
+        yield from self.listeners.values()
+        yield from list(self.retired)
+
+    def open_connections(self) -> int:
+        return sum(lst.dispatch.open for lst in self.all_listeners() if lst.dispatch is not None)
+
+    def idle(self, drained_only: bool = True) -> Deferred[Any]:
+        """Fires when the connections of every (draining) listener have ended."""
+        ds = [lst.dispatch.idle() for lst in self.all_listeners()
+              if lst.dispatch is not None and (lst.drain or not drained_only)]
         return DeferredList(ds)
+
+    def close_connections(self, abort: bool = False, drained_only: Optional[bool] = None) -> int:
+        """Close (or abort) open connections; ``drained_only`` selects by ListenSpec.drain."""
+        n = 0
+        for lst in self.all_listeners():
+            if lst.dispatch is None or (drained_only is not None and lst.drain != drained_only):
+                continue
+            n += lst.dispatch.close_connections(abort)
+        return n
 
 
 def _maybe_deferred(value: Any) -> Deferred[Any]:
     if isinstance(value, Deferred):
         return value
-    d: Deferred[Any] = Deferred()
-    d.callback(value)
-    return d
+    return succeed(value)
 
 
 def _why(e: error.CannotListenError) -> str:

@@ -40,10 +40,13 @@ class Splice:
         clock: IReactorTime,
         idle_timeout: float | None = None,
         on_done: Optional[Callable[["Splice"], None]] = None,
+        meter: Optional[Callable[[int, int], None]] = None,
     ) -> None:
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.on_done = on_done
+        #: ``meter(side, n)``: count bytes read from a leg (see observe.stats.Meter)
+        self.meter = meter
         self.legs: list[Any] = [None, None]
         self.bytes = [0, 0]  # bytes read from leg A, from leg B
         self._read_closed = [False, False]
@@ -72,6 +75,8 @@ class Splice:
     def received(self, side: int, data: bytes) -> None:
         """Bytes read from ``side``: write them to the other leg."""
         self.bytes[side] += len(data)
+        if self.meter is not None:
+            self.meter(side, len(data))
         self._last = self.clock.seconds()
         other = self.legs[1 - side]
         if other is not None and not self._lost[1 - side]:

@@ -1,24 +1,49 @@
-"""``twistd wmproxy``: options, start-up checks and the service tree.
+"""``twistd wmproxy``: options, start-up checks, signals and the service tree.
 
 This is the only module that touches the global reactor.  Every operator
 mistake (bad config, port in use, unreadable certificate) ends here as one
 line on stderr and exit status 1, before twistd daemonizes.
+
+Signals (installed once the reactor runs, replacing the reactor's own):
+
+* SIGTERM, SIGINT: graceful stop (see ``ProxyService.graceful_stop``); a
+  second one aborts what is still open.  The reactor's own handlers would
+  record the signal in ``reactor._exitSignal``, and twistd then re-raises it
+  on itself after shutdown, so a clean stop would end with "killed by
+  SIGTERM".  Ours call ``reactor.stop()`` without recording anything, so
+  twistd exits with status 0 after a graceful stop — no private attribute
+  is touched.
+* SIGHUP: reload the configuration file (errors are logged; the running
+  configuration stays).
+* SIGUSR1: reopen log files.  twistd's own SIGUSR1 handler rotates its log
+  file by renaming it itself; when logrotate has already moved the file, we
+  reopen it instead (the one place we look inside twistd: its handler's
+  closure, for the ``LogFile``), and features reopen their access logs.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+from typing import Any, Callable
+
 from twisted.application import service
-from twisted.python import usage
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+from twisted.python import logfile, usage
 
 from .config import ConfigError, Loaded, load_config
 from .config.load import load_text
 from .listen import StartupError
 
-__all__ = ["Options", "makeService", "default_config_text"]
+__all__ = ["Options", "makeService", "default_config_text", "install_signal_handlers"]
+
+_log = Logger()
 
 DEFAULT_CONFIG = """\
-# Built-in default: a forward proxy (HTTP, HTTPS CONNECT, SOCKS5) on loopback.
+# Built-in default: a forward proxy (HTTP, HTTPS CONNECT, SOCKS5) on loopback,
+# and the control API on 127.0.0.1:8837 (the default of `control`).
 [proxy]
 bind = "127.0.0.1:8090"
 """
@@ -50,14 +75,21 @@ class ProxyOptions(usage.Options):
         ["pass", None, None, "password clients must give"],
         ["flag", None, "http https socks5", "protocols served"],
         ["server", "S", None, "parent proxy to relay to (host:port)"],
+        ["control", None, None, "control API address (default 127.0.0.1:8837)"],
     ]
     optFlags = [
         ["ts", None, "connect to the parent over TLS"],
         ["allow-open-proxy", None, "allow an unauthenticated non-loopback bind"],
+        ["no-control", None, "serve no control API"],
     ]
 
     def to_toml(self) -> str:
-        lines = ["[proxy]", f"bind = {_quote(self['bind'])}", f"flag = {_quote(self['flag'])}"]
+        lines = []
+        if self["control"]:
+            lines.append(f"control = {_quote(self['control'])}")
+        if self["no-control"]:
+            lines.append("disable_control = true")
+        lines += ["[proxy]", f"bind = {_quote(self['bind'])}", f"flag = {_quote(self['flag'])}"]
         if self["user"] is not None or self["pass"] is not None:
             if not (self["user"] and self["pass"]):
                 raise usage.UsageError("--user and --pass go together")
@@ -115,15 +147,70 @@ def makeService(options: Options) -> service.IService:
     """Build the service tree and bind every listener (fail here, loudly)."""
     from twisted.internet import reactor
 
-    from .service import ProxyService
+    from .service import ProxyService, resolve_workers
 
-    svc = ProxyService(reactor, options.loaded)
-    try:
-        svc.bind_all()
-    except StartupError as e:
-        svc.abandon()
-        _fail(str(e))
-    return svc
+    loaded = options.loaded
+    svc: Any
+    if resolve_workers(loaded.config) > 1:
+        from .control.supervisor import Supervisor
+
+        svc = Supervisor(reactor, loaded, resolve_workers(loaded.config))
+        try:
+            svc.preflight()
+        except StartupError as e:
+            svc.abandon()
+            _fail(str(e))
+    else:
+        svc = ProxyService(reactor, loaded)
+        try:
+            svc.bind_all()
+        except StartupError as e:
+            svc.abandon()
+            _fail(str(e))
+    svc.stopper = reactor.stop
+    reactor.callWhenRunning(install_signal_handlers, reactor, svc)
+    return svc  # type: ignore[no-any-return]
+
+
+def install_signal_handlers(reactor: Any, svc: Any) -> None:
+    """SIGTERM/SIGINT stop gracefully, SIGHUP reloads, SIGUSR1 reopens logs (module docstring)."""
+
+    def on(signum: int, action: Callable[[], Any]) -> None:
+        signal.signal(signum, lambda _n, _f: reactor.callFromThread(action))
+
+    def reload() -> None:
+        from .control.api import ReloadError
+
+        d = maybeDeferred(svc.control_reload)
+        d.addErrback(lambda f: f.trap(ReloadError))  # already logged, with every message
+        d.addErrback(lambda f: _log.failure("SIGHUP reload crashed", f))
+
+    twistd_log = _twistd_logfile(signal.getsignal(signal.SIGUSR1))
+
+    def reopen() -> None:
+        if twistd_log is not None:
+            if os.path.exists(twistd_log.path):
+                twistd_log.rotate()  # twistd's own behaviour: rename and reopen
+            else:
+                twistd_log.reopen()  # logrotate moved it away
+        svc.reopen_logs()
+
+    on(signal.SIGTERM, svc.request_stop)
+    on(signal.SIGINT, svc.request_stop)
+    on(signal.SIGHUP, reload)
+    on(signal.SIGUSR1, reopen)
+
+
+def _twistd_logfile(handler: Any) -> logfile.LogFile | None:
+    """The LogFile twistd's SIGUSR1 handler rotates (twistd keeps no other reference)."""
+    for cell in getattr(handler, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(value, logfile.LogFile):
+            return value
+    return None
 
 
 def run_check(path: str) -> int:

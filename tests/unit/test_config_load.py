@@ -526,7 +526,8 @@ def test_check_good_file_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[s
     path.write_text('[proxy]\nbind = "127.0.0.1:0"\n')
     assert _check(path) == 0
     out, err = capsys.readouterr()
-    assert out.splitlines() == [f"{path}: configuration OK", "  forward proxy (http https socks5) on 127.0.0.1:0"]
+    assert out.splitlines() == [f"{path}: configuration OK", "  forward proxy (http https socks5) on 127.0.0.1:0",
+                                "  control API on 127.0.0.1:8837"]
     assert err == ""
 
 

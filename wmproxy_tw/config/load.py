@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,6 +32,7 @@ class Loaded:
     path: str | None
     warnings: tuple[str, ...] = field(default=())
     source_hash: str = ""
+    text: str = field(default="", repr=False)  # the source, for worker processes
 
 
 def keypath(loc: Iterable[Any]) -> str:
@@ -191,7 +192,7 @@ def load_text(text: str, name: str = "<config>.toml") -> Loaded:
     import hashlib
 
     data = _parse_text(text, name)
-    return _validate(data, name, hashlib.sha256(text.encode()).hexdigest())
+    return replace(_validate(data, name, hashlib.sha256(text.encode()).hexdigest()), text=text)
 
 
 def _validate(data: dict[str, Any], name: str, digest: str) -> Loaded:

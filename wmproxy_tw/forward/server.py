@@ -23,6 +23,7 @@ from zope.interface import implementer
 from ..config.grammar import Address
 from ..config.model import Proxy
 from ..connect import TargetPolicy, UpstreamError, connect, quiet_factory
+from ..observe.stats import NULL_STATS, Stats
 from ..relay import A, B, Splice, SpliceProtocol
 from . import socks5
 from .httphead import HttpHeadError, RequestHead, hop_by_hop_clean, parse_basic_auth, parse_proxy_target
@@ -62,14 +63,18 @@ class ForwardFactory(Factory):
 
     noisy = False
 
-    def __init__(self, reactor: Any, cfg: Proxy, own_listeners: tuple[Address, ...] = ()) -> None:
+    def __init__(self, reactor: Any, cfg: Proxy, own_listeners: tuple[Address, ...] = (),
+                 stats: Stats = NULL_STATS) -> None:
         self.reactor = reactor
         self.cfg = cfg
+        self.stats = stats
+        self.meter = stats.meter("forward")
         denied = cfg.deny_targets if cfg.deny_targets is not None else own_listeners
         self.policy = TargetPolicy(denied)
         self.auth = BasicAuth(cfg.username, cfg.password) if cfg.username is not None and cfg.password is not None else None
         self.flags = cfg.flag
         self.active: set[ForwardProtocol] = set()
+        self.draining = False
 
     def buildProtocol(self, addr: Any) -> Optional[Protocol]:
         host = getattr(addr, "host", "")
@@ -82,6 +87,16 @@ class ForwardFactory(Factory):
         proto = ForwardProtocol(self)
         proto.factory = self
         return proto
+
+    def drain(self) -> None:
+        """Graceful stop: close idle connections; busy ones close after their response."""
+        self.draining = True
+        for proto in list(self.active):
+            proto.drain()
+
+    def count(self, kind: str, status: int) -> None:
+        """One request answered (``kind``: http | socks5)."""
+        self.stats.request("forward", kind, "", status)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -193,11 +208,20 @@ class ForwardProtocol(Protocol):
         if not self._closed:
             self.transport.abortConnection()
 
+    def drain(self) -> None:
+        """Close now if between requests; otherwise after the current response."""
+        if self.mode == "detect":
+            self._close()
+        elif self.mode == "http" and self.http is not None:
+            if self.http.their_state is h11.IDLE and self.http.our_state is h11.IDLE and not self._partial():
+                self._close()
+
     # -- tunnels (CONNECT and SOCKS5 CONNECT) --------------------------------
     def _open_tunnel(self, host: str, port: int, on_ok: Any, on_fail: Any, leftover: bytes = b"") -> None:
         self.mode = "connecting"
         self.transport.pauseProducing()
-        splice = Splice(self.reactor, idle_timeout=self.f.cfg.idle_timeout)
+        splice = Splice(self.reactor, idle_timeout=self.f.cfg.idle_timeout, meter=self.f.meter)
+        started = self.reactor.seconds()
         d: Deferred[Protocol] = connect(
             self.reactor, host, port, quiet_factory(lambda: SpliceProtocol(splice, B)),
             timeout=self.f.cfg.connect_timeout, policy=self.f.policy,
@@ -209,6 +233,7 @@ class ForwardProtocol(Protocol):
                 return
             self.mode = "relay"
             self.splice = splice
+            self.f.stats.upstream_latency("forward", "direct", "", self.reactor.seconds() - started)
             extra = on_ok(proto) or b""
             splice.attach(A, self.transport)
             if leftover or extra:
@@ -232,6 +257,7 @@ class ForwardProtocol(Protocol):
             events = self.socks.feed(data)
         except socks5.Socks5Error as e:
             _log.info("socks5: {client}: {why}", client=self.peer.host, why=e.message)
+            self.f.count("socks5", 400)
             if e.response:
                 self.transport.write(e.response)
             self._close()
@@ -242,6 +268,7 @@ class ForwardProtocol(Protocol):
                 self.transport.write(ev.data)
             elif isinstance(ev, socks5.AuthFailed):
                 _log.info("socks5: {client}: bad credentials", client=self.peer.host)
+                self.f.count("socks5", 407)
                 self.mode = "closing"
                 self._close()
                 return
@@ -263,6 +290,7 @@ class ForwardProtocol(Protocol):
                 local = proto.transport.getHost()
                 bind_host = getattr(local, "host", "0.0.0.0")
                 self.transport.write(sk.reply(socks5.REP_SUCCEEDED, bind_host, getattr(local, "port", 0)))
+                self.f.count("socks5", 200)
 
             def fail(err: UpstreamError) -> None:
                 code = {403: socks5.REP_CONNECTION_NOT_ALLOWED, 504: socks5.REP_TTL_EXPIRED}.get(err.status)
@@ -283,11 +311,13 @@ class ForwardProtocol(Protocol):
             self.mode = "udp"
             bound = self.udp.port.getHost()
             self.transport.write(sk.reply(socks5.REP_SUCCEEDED, bound.host, bound.port))
+            self.f.count("socks5", 200)
         else:
             self._socks_fail(socks5.REP_COMMAND_NOT_SUPPORTED)
 
     def _socks_fail(self, code: int) -> None:
         assert self.socks is not None
+        self.f.count("socks5", _SOCKS_STATUS.get(code, 502))
         self.transport.write(self.socks.reply(code))
         self.mode = "closing"
         self._close()
@@ -323,6 +353,7 @@ class ForwardProtocol(Protocol):
                 self._disarm()
                 self._http_request(event)
             elif isinstance(event, h11.Data):
+                self.f.meter.inbound(len(event.data))
                 if self.upstream is not None:
                     self.upstream.send(event)
             elif isinstance(event, h11.EndOfMessage):
@@ -336,6 +367,7 @@ class ForwardProtocol(Protocol):
     def _http_error(self, status: int, message: str, extra: list[tuple[str, str]] | None = None) -> None:
         """Answer with a short plain-text error, then close."""
         conn = self.http
+        self.f.count("http", status)
         body = (message.strip() + "\n").encode()
         headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
                    ("Connection", "close")] + (extra or [])
@@ -418,6 +450,7 @@ class ForwardProtocol(Protocol):
 
         def ok(proto: Protocol) -> bytes:
             self.transport.write(conn.send(h11.Response(status_code=200, headers=[], reason=b"Connection Established")))
+            self.f.count("http", 200)
             # bytes the client sent after the CONNECT head belong to the tunnel
             trailing, _closed = conn.trailing_data
             return bytes(trailing)
@@ -456,19 +489,22 @@ class ForwardProtocol(Protocol):
                 return
             self.transport.write(conn.send(h11.InformationalResponse(status_code=ev.status_code, headers=hdrs, reason=ev.reason)))
             if switching:
+                self.f.count("http", 101)
                 self._switch_to_relay()
             return
+        self.f.count("http", ev.status_code)
         self.transport.write(conn.send(h11.Response(status_code=ev.status_code, headers=hdrs, reason=ev.reason)))
 
     def upstream_data(self, data: bytes) -> None:
         assert self.http is not None
+        self.f.meter.outbound(len(data))
         self.transport.write(self.http.send(h11.Data(data=data)))
 
     def upstream_done(self) -> None:
         conn = self.http
         assert conn is not None
         self.transport.write(conn.send(h11.EndOfMessage()))
-        if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+        if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE or self.f.draining:
             self.mode = "closing"
             self._close()
             return
@@ -483,7 +519,7 @@ class ForwardProtocol(Protocol):
         assert self.http is not None and self.upstream is not None
         up = self.upstream
         self.upstream = None
-        splice = Splice(self.reactor, idle_timeout=self.f.cfg.idle_timeout)
+        splice = Splice(self.reactor, idle_timeout=self.f.cfg.idle_timeout, meter=self.f.meter)
         self.splice = splice
         self.mode = "relay"
         trailing_client, _ = self.http.trailing_data
@@ -511,6 +547,7 @@ class HttpUpstream(Protocol):
         self.got_response = False
         self._timer: Optional[IDelayedCall] = None
         self.splice: Optional[Splice] = None
+        self.sent_at: Optional[float] = None
 
     def reusable(self) -> bool:
         return bool(not self.closed and self.connected and self.h11.our_state is h11.IDLE
@@ -519,6 +556,7 @@ class HttpUpstream(Protocol):
     def start(self, req: h11.Request) -> None:
         self.done = False
         self.got_response = False
+        self.sent_at = self.client.reactor.seconds()
         if self.connected:
             self.send(req)
             return
@@ -586,6 +624,9 @@ class HttpUpstream(Protocol):
                 return
             if isinstance(ev, (h11.Response, h11.InformationalResponse)):
                 if isinstance(ev, h11.Response) or ev.status_code == 101:
+                    if not self.got_response and self.sent_at is not None:
+                        f = self.client.f
+                        f.stats.upstream_latency("forward", "direct", "", f.reactor.seconds() - self.sent_at)
                     self.got_response = True
                     if self._timer is not None and self._timer.active():
                         self._timer.cancel()
@@ -642,6 +683,10 @@ def _unregister(consumer: Any, producer: Any) -> None:
     if getattr(consumer, "producer", None) is producer:
         consumer.unregisterProducer()
 
+
+#: SOCKS5 replies counted as the HTTP status a client of the HTTP proxy would get.
+_SOCKS_STATUS = {socks5.REP_CONNECTION_NOT_ALLOWED: 403, socks5.REP_TTL_EXPIRED: 504,
+                 socks5.REP_COMMAND_NOT_SUPPORTED: 501, socks5.REP_GENERAL_FAILURE: 500}
 
 _REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed", 407: b"Proxy Authentication Required",
             408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
