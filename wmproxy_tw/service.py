@@ -22,8 +22,6 @@ def _unsupported(config: Config) -> list[str]:
     out = []
     if config.http is not None and config.http.server:
         out.append("http.server")
-    if config.stream is not None and config.stream.server:
-        out.append("stream.server")
     if config.fleet is not None:
         out.append("fleet")
     p = config.proxy
@@ -54,6 +52,9 @@ def plan(config: Config) -> list[str]:
                 )
             lines.append(f"forward proxy ({' '.join(sorted(p.flag))}) on {addr}"
                          + (" with auth" if p.username else ""))
+    from .stream import describe as describe_stream
+
+    lines += describe_stream(config.stream)
     return lines
 
 
@@ -83,6 +84,12 @@ class ProxyService(service.MultiService):
             self.features.append(factory)
             for addr in p.bind:
                 self.registry.bind_tcp(addr, factory, "forward proxy", p.max_connections)
+        if self.config.stream is not None and self.config.stream.server:
+            from .stream import build as build_stream
+
+            stream = build_stream(self.reactor, self.config.stream, self.registry)
+            stream.setServiceParent(self)
+            self.features.append(stream)
 
     def abandon(self) -> None:
         """Close what was bound after a start-up failure."""
