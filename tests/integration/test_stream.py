@@ -421,3 +421,29 @@ async def test_udp_sessions_are_per_client() -> None:
 
 
 _unused = (sys, run_input)
+
+
+@pytest_twisted.ensureDeferred
+async def test_active_tcp_health_check_marks_dead_member_down() -> None:
+    """A group with health_check probes members by TCP connect; a dead one is taken out of rotation."""
+    up = echo()
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    ups = (f'[[stream.upstream]]\nname = "g"\nserver = [{{ addr = "127.0.0.1:{dead_port}", max_fails = 0 }}, '
+           f'"127.0.0.1:{up.getHost().port}"]\n'
+           'health_check = { interval = "100ms", timeout = "1s", fall = 2, rise = 1 }\n')
+    svc = await start_proxy(stream_conf('up_name = "g"', ups))
+    try:
+        group = svc.features[0].factories[0].group
+        for _ in range(100):
+            if not group.members[0].check_healthy:
+                break
+            await deferLater(0.05)
+        assert not group.members[0].check_healthy and group.members[1].check_healthy
+        clients = await _open_clients(bound_port(svc), [b"via the live one"])
+        clients[0].transport.write(clients[0].payload)
+        assert await clients[0].done == b"via the live one"
+    finally:
+        await _stop(svc, up)

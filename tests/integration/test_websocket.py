@@ -452,3 +452,43 @@ async def test_tcp2ws_pauses_tcp_client_when_websocket_server_stops_reading() ->
     finally:
         client.transport.abortConnection()
         await _stop(svc, wsport)
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_ws_proxy_quick_mode() -> None:
+    """`twistd -n wmproxy ws-proxy --mode ws2tcp -b ADDR -t HOST:PORT` serves a WebSocket client."""
+    from .test_twistd import TWISTD, free_port
+
+    up = echo()
+    port = free_port()
+
+    class Proc(protocol.ProcessProtocol):
+        def __init__(self) -> None:
+            self.ended: defer.Deferred[None] = defer.Deferred()
+            self.err = b""
+
+        def errReceived(self, data: bytes) -> None:
+            self.err += data
+
+        def outReceived(self, data: bytes) -> None:
+            self.err += data
+
+        def processEnded(self, reason: Any) -> None:
+            self.ended.callback(None)
+
+    proc = Proc()
+    argv = [TWISTD, "-n", "--pidfile=", "wmproxy", "ws-proxy", "--mode", "ws2tcp",
+            "-b", f"127.0.0.1:{port}", "-t", f"127.0.0.1:{up.getHost().port}"]
+    transport = reactor.spawnProcess(proc, TWISTD, argv, env=ENV)
+    try:
+        for _ in range(300):
+            if b"listening on" in proc.err:
+                break
+            await deferLater(0.02)
+        out, err, code = await run_python("-c", WEBSOCKETS_CLIENT, f"ws://127.0.0.1:{port}/", "binary")
+        assert code == 0, err + proc.err
+        assert json.loads(out)[0] == "binary"
+    finally:
+        transport.signalProcess("TERM")
+        await proc.ended
+        await _stop(up)
