@@ -165,7 +165,7 @@ def test_trusted_front_header_becomes_the_peer() -> None:
 
 def test_trusted_front_without_header_is_closed_and_timed_out() -> None:
     """A trusted front that sends no header in time, or garbage, is aborted; the inner never starts."""
-    proto, inner, transport, clock = _wrap("127.0.0.1")
+    _proto, inner, transport, clock = _wrap("127.0.0.1")
     clock.advance(5)
     assert transport.disconnecting and not inner.made
     proto2, inner2, transport2, _c = _wrap("127.0.0.1")

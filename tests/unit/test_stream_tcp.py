@@ -120,7 +120,7 @@ def test_send_proxy_protocol_goes_first() -> None:
 def test_half_close_is_passed_on_and_connection_counted_once() -> None:
     """Client EOF half-closes the upstream; when both are gone the member is released once."""
     factory, reactor, group = _stream()
-    proto, client = _client(factory)
+    proto, _client_t = _client(factory)
     up_proto, upstream = succeed_connect(reactor)
     upstream.loseWriteConnection = lambda: setattr(upstream, "half_closed", True)  # type: ignore[method-assign]
     proto.readConnectionLost()
@@ -155,7 +155,7 @@ def test_client_leaving_while_dialing_cancels_the_attempt() -> None:
 
 def test_allow_and_deny_ip() -> None:
     """Clients outside allow_ip or inside deny_ip are refused before anything is dialed."""
-    factory, reactor, _group = _stream('allow_ip = "192.0.2.0/24"\ndeny_ip = "192.0.2.66"')
+    factory, _reactor, _group = _stream('allow_ip = "192.0.2.0/24"\ndeny_ip = "192.0.2.66"')
     assert factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 1)) is None
     assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.66", 1)) is None
     assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)) is not None

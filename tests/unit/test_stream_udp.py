@@ -16,7 +16,7 @@ from wmproxy_tw.stream.udp import MAX_DATAGRAM, UdpRelay
 class FakeUdpPort:
     """A listening UDP port of the fake reactor: records what is written and where it connected."""
 
-    def __init__(self, reactor: "FakeReactor", proto: Any, interface: str, max_packet: int) -> None:
+    def __init__(self, reactor: FakeReactor, proto: Any, interface: str, max_packet: int) -> None:
         self.reactor = reactor
         self.proto = proto
         self.interface = interface
@@ -86,7 +86,7 @@ def test_each_client_gets_its_own_connected_socket() -> None:
 
 def test_replies_leave_from_the_listening_socket_to_the_right_client() -> None:
     """A reply on a session socket is sent by the listening socket to that session's client."""
-    relay, reactor, listening = _relay()
+    relay, _reactor, listening = _relay()
     relay.datagramReceived(b"q", ("192.0.2.1", 1000))
     relay.datagramReceived(b"q", ("2001:db8::5", 3000))
     s1, s2 = relay.sessions.values()
@@ -125,7 +125,7 @@ def test_idle_sessions_close_after_client_timeout() -> None:
 
 def test_icmp_refused_reports_failure_and_ends_the_session() -> None:
     """connectionRefused on a session counts a failure for passive health and frees the session."""
-    relay, reactor, _l = _relay(members=("10.0.0.1:53", "10.0.0.2:53"))
+    relay, _reactor, _l = _relay(members=("10.0.0.1:53", "10.0.0.2:53"))
     relay.datagramReceived(b"a", ("192.0.2.1", 1))
     session = relay.sessions[("192.0.2.1", 1)]
     session.connectionRefused()
@@ -150,7 +150,7 @@ def test_names_resolve_without_blocking_and_datagrams_wait_bounded() -> None:
 
 def test_no_usable_member_drops_and_real_group_counts() -> None:
     """With the only member down, datagrams are dropped; with a real group the counts balance."""
-    relay, reactor, listening = _relay()
+    relay, reactor, _listening = _relay()
     relay.group.unusable = set(relay.group.members)
     relay.datagramReceived(b"x", ("192.0.2.1", 1))
     assert relay.dropped == 1 and not relay.sessions

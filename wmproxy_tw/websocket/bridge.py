@@ -348,7 +348,7 @@ class BridgeWsMixin:
             if self._hold_input:
                 self.data += data  # consumed once the handshake is answered
                 return
-        super().dataReceived(data)  # type: ignore[misc]
+        self._dataReceived(data)  # type: ignore[attr-defined]  # (autobahn's dataReceived only adds a debug log)
 
     def _handshake_too_large(self) -> None:
         _log.info("websocket: opening handshake over {n} bytes: closed", n=MAX_HANDSHAKE)
