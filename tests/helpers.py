@@ -118,3 +118,26 @@ async def run_input(argv: list[str], data: bytes) -> tuple[bytes, bytes, int]:
     proto = _Collect(data)
     reactor.spawnProcess(proto, argv[0], argv, env=ENV)
     return await proto.done
+
+
+class Spawned(ProcessProtocol):
+    """A long-running child process: its output so far, and a Deferred for its end."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.output += data
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
+def spawn(argv: list[str]) -> tuple[Any, Spawned]:
+    """Start ``argv`` without waiting for it: (process transport, Spawned)."""
+    proc = Spawned()
+    return reactor.spawnProcess(proc, argv[0], argv, env=ENV), proc

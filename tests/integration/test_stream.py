@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import textwrap
 from typing import Any
 
@@ -16,7 +15,7 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from zope.interface import implementer
 
-from ..helpers import bound_port, deferLater, run_input, run_python, start_proxy
+from ..helpers import bound_port, deferLater, run_python, start_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -179,8 +178,11 @@ async def test_500_concurrent_connections_all_echo() -> None:
     try:
         payloads = [(b"%05d:" % i) * 2000 for i in range(500)]
         clients = await _open_clients(bound_port(svc), payloads)
-        await deferLater(0.2)
         factory = svc.features[0].factories[0]
+        for _ in range(500):
+            if len(factory.active) == 500:
+                break
+            await deferLater(0.02)
         assert len(factory.active) == 500  # all open at the same time
         for c in clients:
             c.transport.write(c.payload)
@@ -419,8 +421,6 @@ async def test_udp_sessions_are_per_client() -> None:
     finally:
         await _stop(svc, echo_port)
 
-
-_unused = (sys, run_input)
 
 
 @pytest_twisted.ensureDeferred

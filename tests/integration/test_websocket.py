@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import protocol, reactor
 
-from ..helpers import ENV, bound_port, deferLater, run_python, start_proxy
-from .test_stream import ROUND_TRIP, Client, _open_clients, _stop, echo
+from ..helpers import Spawned, bound_port, deferLater, run_python, spawn, start_proxy
+from .test_stream import ROUND_TRIP, _open_clients, _stop, echo
 
 pytestmark = pytest.mark.integration
 
@@ -185,13 +185,15 @@ async def test_ws2tcp_websockify_binary_subprotocol_and_plain_clients() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_ws2tcp_path_domain_and_upstream_errors() -> None:
-    """Wrong path → 404, wrong Host → 403, an unreachable upstream → 502, all during the handshake."""
+    """Wrong path → 404, wrong Host or deny_ip → 403, an unreachable upstream → 502, all in the handshake."""
     up = echo()
     svc = await start_proxy(f'[stream]\n[[stream.server]]\nbind_addr = "127.0.0.1:0"\nbind_mode = "ws2tcp"\n'
                             f'proxy_url = "127.0.0.1:{up.getHost().port}"\npath = "/ws"\ndomain = "localhost"\n'
                             '[[stream.server]]\nbind_addr = "127.0.0.1:0"\nbind_mode = "ws2tcp"\n'
-                            'proxy_url = "127.0.0.1:1"\n')
-    p0, p1 = bound_port(svc, index=0), bound_port(svc, index=1)
+                            'proxy_url = "127.0.0.1:1"\n'
+                            '[[stream.server]]\nbind_addr = "127.0.0.1:0"\nbind_mode = "ws2tcp"\n'
+                            'proxy_url = "127.0.0.1:1"\ndeny_ip = "127.0.0.1"\n')
+    p0, p1, p2 = (bound_port(svc, index=i) for i in range(3))
     try:
         out, _e, _c = await run_python("-c", WEBSOCKETS_CLIENT, f"ws://localhost:{p0}/nope")
         assert json.loads(out) == ["status", 404]
@@ -201,31 +203,19 @@ async def test_ws2tcp_path_domain_and_upstream_errors() -> None:
         assert code == 0 and json.loads(out)[0] is None, err
         out, _e, _c = await run_python("-c", WEBSOCKETS_CLIENT, f"ws://127.0.0.1:{p1}/")
         assert json.loads(out) == ["status", 502]
+        out, _e, _c = await run_python("-c", WEBSOCKETS_CLIENT, f"ws://127.0.0.1:{p2}/")
+        assert json.loads(out) == ["status", 403]
     finally:
         await _stop(svc, up)
 
 
-async def _websockify(listen_port: int, target_port: int) -> Any:
+async def _websockify(listen_port: int, target_port: int) -> tuple[Any, Spawned]:
     """websockify (the Debian package's program) as a WebSocket → TCP server."""
-
-    class Proc(protocol.ProcessProtocol):
-        def __init__(self) -> None:
-            self.ended: defer.Deferred[None] = defer.Deferred()
-            self.err = b""
-
-        def errReceived(self, data: bytes) -> None:
-            self.err += data
-
-        def processEnded(self, reason: Any) -> None:
-            self.ended.callback(None)
-
-    proc = Proc()
     exe = shutil.which("websockify")
     assert exe, "websockify is not installed (make test-deps)"
-    transport = reactor.spawnProcess(proc, exe, [exe, f"127.0.0.1:{listen_port}", f"127.0.0.1:{target_port}"],
-                                     env=ENV)
+    transport, proc = spawn([exe, f"127.0.0.1:{listen_port}", f"127.0.0.1:{target_port}"])
     for _ in range(200):
-        if b"proxying from" in proc.err.lower() or b"Listen" in proc.err:
+        if b"proxying from" in proc.output.lower():
             break
         await deferLater(0.02)
     return transport, proc
@@ -245,7 +235,7 @@ async def test_tcp2ws_talks_to_websockify_server() -> None:
         n = 5 * 1024 * 1024
         out, err, code = await run_python("-c", ROUND_TRIP, str(bound_port(svc)), str(n), "noshut")
         assert code == 0, err
-        assert out.split() == [str(n).encode(), b"True"], proc.err[-2000:]
+        assert out.split() == [str(n).encode(), b"True"], proc.output[-2000:]
     finally:
         transport.signalProcess("TERM")
         await proc.ended
@@ -294,8 +284,6 @@ async def _system_python(script: str) -> tuple[bytes, bytes, int]:
 
     return await run("/usr/bin/python3", "-c", script)
 
-
-_unused = (sys, Client)
 
 
 RAW_WS = textwrap.dedent("""
@@ -382,17 +370,16 @@ class Firehose(protocol.Protocol):
         self.paused = True
 
 
-async def _hold(script: str, *args: str) -> tuple[Any, Any]:
-    class Holder(protocol.ProcessProtocol):
-        def __init__(self) -> None:
-            self.ended: defer.Deferred[None] = defer.Deferred()
-
-        def processEnded(self, reason: Any) -> None:
-            self.ended.callback(None)
-
-    holder = Holder()
-    proc = reactor.spawnProcess(holder, sys.executable, [sys.executable, "-c", script, *args], env=ENV)
-    return proc, holder
+async def _assert_production_stops() -> None:
+    """The firehose wrote something, then (within a second) stopped: it is paused, memory is bounded."""
+    await deferLater(1.0)
+    first = Firehose.produced
+    await deferLater(1.0)
+    second = Firehose.produced
+    assert first > 0
+    # kernel buffers of both sockets plus one transport buffer of each side, nothing more
+    assert second - first <= 256 * 1024, (first, second)
+    assert second < 32 * 1024 * 1024, second
 
 
 @pytest_twisted.ensureDeferred
@@ -404,16 +391,9 @@ async def test_websocket_peer_that_stops_reading_pauses_tcp() -> None:
     hose = reactor.listenTCP(0, f, interface="127.0.0.1")
     svc = await start_proxy(f'[stream]\n[[stream.server]]\nbind_addr = "127.0.0.1:0"\nbind_mode = "ws2tcp"\n'
                             f'proxy_url = "127.0.0.1:{hose.getHost().port}"\n')
-    proc, holder = await _hold(RAW_WS, str(bound_port(svc)), "stall")
+    proc, holder = spawn([sys.executable, "-c", RAW_WS, str(bound_port(svc)), "stall"])
     try:
-        await deferLater(1.0)
-        first = Firehose.produced
-        await deferLater(1.0)
-        second = Firehose.produced
-        assert first > 0
-        # kernel buffers of both sockets plus one transport buffer of each side, nothing more
-        assert second - first <= 256 * 1024, (first, second)
-        assert second < 32 * 1024 * 1024, second
+        await _assert_production_stops()
     finally:
         proc.closeStdin()
         await holder.ended
@@ -442,13 +422,7 @@ async def test_tcp2ws_pauses_tcp_client_when_websocket_server_stops_reading() ->
     client = Firehose()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", bound_port(svc)), client)
     try:
-        await deferLater(1.0)
-        first = Firehose.produced
-        await deferLater(1.0)
-        second = Firehose.produced
-        assert first > 0
-        assert second - first <= 256 * 1024, (first, second)
-        assert second < 32 * 1024 * 1024, second
+        await _assert_production_stops()
     finally:
         client.transport.abortConnection()
         await _stop(svc, wsport)
@@ -462,31 +436,16 @@ async def test_twistd_ws_proxy_quick_mode() -> None:
     up = echo()
     port = free_port()
 
-    class Proc(protocol.ProcessProtocol):
-        def __init__(self) -> None:
-            self.ended: defer.Deferred[None] = defer.Deferred()
-            self.err = b""
-
-        def errReceived(self, data: bytes) -> None:
-            self.err += data
-
-        def outReceived(self, data: bytes) -> None:
-            self.err += data
-
-        def processEnded(self, reason: Any) -> None:
-            self.ended.callback(None)
-
-    proc = Proc()
     argv = [TWISTD, "-n", "--pidfile=", "wmproxy", "ws-proxy", "--mode", "ws2tcp",
             "-b", f"127.0.0.1:{port}", "-t", f"127.0.0.1:{up.getHost().port}"]
-    transport = reactor.spawnProcess(proc, TWISTD, argv, env=ENV)
+    transport, proc = spawn(argv)
     try:
         for _ in range(300):
-            if b"listening on" in proc.err:
+            if b"listening on" in proc.output:
                 break
             await deferLater(0.02)
         out, err, code = await run_python("-c", WEBSOCKETS_CLIENT, f"ws://127.0.0.1:{port}/", "binary")
-        assert code == 0, err + proc.err
+        assert code == 0, err + proc.output
         assert json.loads(out)[0] == "binary"
     finally:
         transport.signalProcess("TERM")

@@ -154,8 +154,26 @@ def test_client_leaving_while_dialing_cancels_the_attempt() -> None:
 
 
 def test_allow_and_deny_ip() -> None:
-    """Clients outside allow_ip or inside deny_ip are refused before anything is dialed."""
-    factory, _reactor, _group = _stream('allow_ip = "192.0.2.0/24"\ndeny_ip = "192.0.2.66"')
-    assert factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 1)) is None
-    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.66", 1)) is None
-    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)) is not None
+    """Clients outside allow_ip or inside deny_ip are closed before anything is dialed."""
+    factory, reactor, _group = _stream('allow_ip = "192.0.2.0/24"\ndeny_ip = "192.0.2.66"')
+    for host, admitted in (("198.51.100.1", False), ("192.0.2.66", False), ("192.0.2.1", True)):
+        _proto, transport = _client(factory, host)
+        assert transport.disconnecting is not admitted
+    assert len(reactor.tcpClients) == 1
+
+
+def test_allow_ip_applies_to_the_client_named_by_a_trusted_proxy_header() -> None:
+    """Behind a trusted PROXY front, allow_ip/deny_ip judge the header's client, not the front."""
+    from wmproxy_tw.config.grammar import parse_ipset
+    from wmproxy_tw.proxyproto import ProxyProtocolFactory
+
+    factory, reactor, _group = _stream('deny_ip = "203.0.113.7"')
+    wrapping = ProxyProtocolFactory(factory, parse_ipset("10.0.0.1"), reactor)
+    for source, admitted in (("203.0.113.7", False), ("203.0.113.8", True)):
+        proto = wrapping.buildProtocol(IPv4Address("TCP", "10.0.0.1", 4000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 4000),
+                                    hostAddress=IPv4Address("TCP", "127.0.0.1", 83))
+        proto.makeConnection(transport)
+        proto.dataReceived(f"PROXY TCP4 {source} 127.0.0.1 5555 83\r\n".encode())
+        assert transport.disconnecting is not admitted
+    assert len(reactor.tcpClients) == 1

@@ -65,10 +65,6 @@ class StreamFactory(Factory):
         self.active: set[StreamProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
-        host = getattr(addr, "host", "")
-        if self.cfg.allow_ip and host not in self.cfg.allow_ip or host in self.cfg.deny_ip:
-            _log.info("stream: {client} refused by allow_ip/deny_ip", client=host)
-            return None
         proto = StreamProtocol(self)
         proto.factory = self
         return proto
@@ -81,18 +77,20 @@ class StreamProtocol(Protocol):
     def __init__(self, factory: StreamFactory) -> None:
         self.f = factory
         self.splice = Splice(factory.reactor, idle_timeout=factory.cfg.client_timeout, on_done=self._done)
-        self.pending = b""  # read before the upstream was joined (one read at most: we are paused)
         self.dialing: Deferred[Dialed] | None = None
         self.dialed: Dialed | None = None
-        self.joined = False
         self.closed = False
 
     def connectionMade(self) -> None:
-        self.f.active.add(self)
-        self.transport.pauseProducing()
-        peer = self.transport.getPeer()
+        peer = self.transport.getPeer()  # the PROXY header's client when a trusted front sent one
         self.client = getattr(peer, "host", "?")
         cfg = self.f.cfg
+        if not cfg.admits(self.client):
+            _log.info("stream: {client} refused by allow_ip/deny_ip", client=self.client)
+            self.transport.abortConnection()
+            return
+        self.f.active.add(self)
+        self.splice.attach(A, self.transport)  # held paused until the upstream leg is attached
         preamble = b""
         if cfg.send_proxy_protocol:
             preamble = build_header(cfg.send_proxy_protocol, *peer_pair(self.transport))
@@ -110,13 +108,6 @@ class StreamProtocol(Protocol):
         if self.closed:
             dialed.protocol.transport.loseConnection()
             dialed.release()
-            return
-        self.joined = True
-        self.splice.attach(A, self.transport)
-        if self.pending:
-            data, self.pending = self.pending, b""
-            self.splice.received(A, data)
-        self.transport.resumeProducing()
 
     def _failed(self, f: Failure) -> None:
         self.dialing = None
@@ -129,18 +120,10 @@ class StreamProtocol(Protocol):
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.joined:
-            self.splice.received(A, data)
-        elif len(self.pending) + len(data) <= 1024 * 1024:
-            self.pending += data
-        else:
-            self.transport.abortConnection()
+        self.splice.received(A, data)
 
     def readConnectionLost(self) -> None:
-        if self.joined:
-            self.splice.read_closed(A)
-        else:
-            self.transport.loseConnection()
+        self.splice.read_closed(A)
 
     def writeConnectionLost(self) -> None:
         pass

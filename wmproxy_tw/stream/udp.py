@@ -17,15 +17,16 @@ datagram picks a member again.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections import OrderedDict
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 
 from ..balance.interfaces import IUpstreamSelector
 from ..balance.selector import Member
@@ -43,15 +44,7 @@ Addr = tuple[str, int]
 
 
 def _family_any(ip: str) -> str:
-    return "::" if ipaddress.ip_address(ip).version == 6 else "0.0.0.0"
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
+    return "::" if isIPv6Address(ip) else "0.0.0.0"
 
 
 def grow_buffers(port: Any, size: int = SOCKET_BUFFER) -> None:
@@ -66,7 +59,7 @@ def grow_buffers(port: Any, size: int = SOCKET_BUFFER) -> None:
             _log.debug("cannot set UDP socket buffer: {e}", e=e)
 
 
-class UdpSession(DatagramProtocol):
+class UdpSession(DatagramProtocol, TimeoutMixin):
     """One client's session: a connected upstream socket and its idle timer."""
 
     def __init__(self, relay: UdpRelay, client: Addr, member: Member) -> None:
@@ -78,13 +71,14 @@ class UdpSession(DatagramProtocol):
         self.closed = False
         self.sent = 0
         self.received = 0
-        self._last = relay.reactor.seconds()
-        self._idle: IDelayedCall | None = None
+
+    def callLater(self, period: float, func: Any) -> IDelayedCall:  # TimeoutMixin's clock: ours
+        return self.relay.reactor.callLater(period, func)
 
     # -- set-up ------------------------------------------------------------------
     def start(self) -> None:
         host, port = self.member.addr
-        if _is_ip(host):
+        if isIPAddress(host) or isIPv6Address(host):
             self._open(host, port)
             return
         d = self.relay.reactor.resolve(host)
@@ -111,14 +105,14 @@ class UdpSession(DatagramProtocol):
             self.relay.end(self)
             return
         self.relay.group.report_success(self.member)
-        self._idle = reactor.callLater(self.relay.idle_timeout, self._check_idle)
+        self.setTimeout(self.relay.idle_timeout)
         pending, self.pending = self.pending or [], None
         for data in pending:
             self.from_client(data)
 
     # -- traffic ------------------------------------------------------------------
     def from_client(self, data: bytes) -> None:
-        self._last = self.relay.reactor.seconds()
+        self.resetTimeout()
         if self.pending is not None:
             if len(self.pending) < MAX_PENDING:
                 self.pending.append(data)
@@ -135,7 +129,7 @@ class UdpSession(DatagramProtocol):
             _log.debug("stream udp: send to {m} failed: {e}", m=self.member.addr_str, e=e)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self._last = self.relay.reactor.seconds()
+        self.resetTimeout()
         self.received += 1
         self.relay.reply(data, self.client)
 
@@ -147,25 +141,16 @@ class UdpSession(DatagramProtocol):
         self.relay.end(self)
 
     # -- ending ----------------------------------------------------------------------
-    def _check_idle(self) -> None:
-        self._idle = None
-        if self.closed:
-            return
-        left = self._last + self.relay.idle_timeout - self.relay.reactor.seconds()
-        if left > 0:
-            self._idle = self.relay.reactor.callLater(left, self._check_idle)
-        else:
-            _log.debug("stream udp: session of {c} idle: closed", c=self.client)
-            self.relay.end(self)
+    def timeoutConnection(self) -> None:
+        _log.debug("stream udp: session of {c} idle: closed", c=self.client)
+        self.relay.end(self)
 
     def close(self) -> None:
         """Stop the socket and timer; un-count the member (idempotent)."""
         if self.closed:
             return
         self.closed = True
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        self.setTimeout(None)
         if self.port is not None:
             port, self.port = self.port, None
             port.stopListening()
@@ -202,7 +187,7 @@ class UdpRelay(DatagramProtocol):
 
     def _open(self, client: Addr) -> UdpSession | None:
         host = client[0]
-        if self.cfg.allow_ip and host not in self.cfg.allow_ip or host in self.cfg.deny_ip:
+        if not self.cfg.admits(host):
             return None
         member = self.group.select(host)
         if member is None:

@@ -65,7 +65,6 @@ _log = Logger()
 TCP, WS = A, B
 MAX_HANDSHAKE = 16 * 1024  # bytes of HTTP head in an opening handshake
 CLOSE_TIMEOUT = 5.0  # seconds for the peer to answer our close frame
-MAX_PENDING = 256 * 1024  # TCP bytes held before the WebSocket is open (one read at most: TCP is paused)
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CONNECTING = WebSocketProtocol.STATE_CONNECTING
@@ -203,7 +202,6 @@ class Bridge:
         self.tcp: Any = None
         self.ws: WsLeg | None = None
         self.ws_proto: Any = None  # the WebSocket protocol, from its connectionMade (maybe not open yet)
-        self.pending = b""
         self.tcp_gone = False
         self.finished = False
 
@@ -213,26 +211,15 @@ class Bridge:
 
     # -- the TCP side ------------------------------------------------------------------
     def tcp_made(self, transport: Any) -> None:
-        """The TCP connection is up: it is paused until the WebSocket is open."""
+        """The TCP connection is up: the splice holds it paused until the WebSocket is open."""
         self.tcp = transport
-        transport.pauseProducing()
         self.splice.attach(TCP, transport)
-        if self.ws is not None:
-            self._joined()
 
     def tcp_data(self, data: bytes) -> None:
-        if self.joined:
-            self.splice.received(TCP, data)
-        elif len(self.pending) + len(data) <= MAX_PENDING:
-            self.pending += data
-        else:
-            self.tcp.abortConnection()
+        self.splice.received(TCP, data)
 
     def tcp_read_closed(self) -> None:
-        if self.joined:
-            self.splice.read_closed(TCP)
-        else:
-            self.tcp.loseConnection()
+        self.splice.read_closed(TCP)
 
     def tcp_lost(self, reason: Failure | None) -> None:
         self.tcp_gone = True
@@ -255,8 +242,6 @@ class Bridge:
             return
         self.ws = WsLeg(proto, self.max_message)
         self.splice.attach(WS, self.ws)
-        if self.tcp is not None:
-            self._joined()
 
     def ws_data(self, payload: bytes) -> None:
         self.splice.received(WS, payload)
@@ -265,12 +250,6 @@ class Bridge:
         self.splice.lost(WS, reason)
 
     # -- both -------------------------------------------------------------------------------
-    def _joined(self) -> None:
-        if self.pending:
-            data, self.pending = self.pending, b""
-            self.splice.received(TCP, data)
-        self.tcp.resumeProducing()
-
     def close(self) -> None:
         """Close both sides (the WebSocket with 1001 if it is open)."""
         if self.ws is not None:

@@ -121,10 +121,6 @@ class Tcp2WsFactory(Factory):
         self.ws_factory = ws
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
-        host = getattr(addr, "host", "")
-        if self.cfg.allow_ip and host not in self.cfg.allow_ip or host in self.cfg.deny_ip:
-            _log.info("tcp2ws: {client} refused by allow_ip/deny_ip", client=host)
-            return None
         proto = Tcp2WsProtocol(self)
         proto.factory = self
         return proto
@@ -141,8 +137,12 @@ class Tcp2WsProtocol(BridgeTcpProtocol):
         self.dialed: Dialed | None = None
 
     def connectionMade(self) -> None:
-        super().connectionMade()  # paused until the WebSocket is open
         self.client = getattr(self.transport.getPeer(), "host", "?")
+        if not self.f.cfg.admits(self.client):
+            _log.info("tcp2ws: {client} refused by allow_ip/deny_ip", client=self.client)
+            self.transport.abortConnection()
+            return
+        super().connectionMade()  # paused until the WebSocket is open
         self.dialing = dial(self.f.reactor, self.f.group, self._factory_for, key=self.client,
                             timeout=self.f.cfg.proxy_connect_timeout)
         self.dialing.addCallbacks(self._dialed, self._failed)

@@ -55,6 +55,9 @@ class Ws2TcpProtocol(BridgeWsMixin, WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:
         f = self.factory
         cfg = f.cfg
+        peer, host = self.transport.getPeer(), self.transport.getHost()
+        if not cfg.admits(getattr(peer, "host", "")):
+            raise ConnectionDeny(403, "Forbidden")
         if cfg.path and request.path != cfg.path:
             raise ConnectionDeny(404, "Not Found")
         if cfg.domain and request.host.lower().rstrip(".") != cfg.domain.lower().rstrip("."):
@@ -62,7 +65,6 @@ class Ws2TcpProtocol(BridgeWsMixin, WebSocketServerProtocol):
         chosen = next((p for p in request.protocols if p in SUBPROTOCOLS), None)
         bridge = Bridge(f.reactor, cfg.client_timeout, cfg.max_message_size, on_done=self._done)
         self.bridge = bridge
-        peer, host = self.transport.getPeer(), self.transport.getHost()
         preamble = b""
         if cfg.send_proxy_protocol:
             preamble = build_header(cfg.send_proxy_protocol, (peer.host, peer.port), (host.host, host.port))
@@ -116,10 +118,3 @@ class Ws2TcpFactory(WebSocketServerFactory):
         self.cfg = cfg
         self.group = group
         apply_limits(self, cfg, reactor)
-
-    def buildProtocol(self, addr: Any) -> Any:
-        host = getattr(addr, "host", "")
-        if self.cfg.allow_ip and host not in self.cfg.allow_ip or host in self.cfg.deny_ip:
-            _log.info("ws2tcp: {client} refused by allow_ip/deny_ip", client=host)
-            return None
-        return super().buildProtocol(addr)
