@@ -451,3 +451,33 @@ async def test_twistd_ws_proxy_quick_mode() -> None:
         transport.signalProcess("TERM")
         await proc.ended
         await _stop(up)
+
+
+class BigSender(WebSocketServerProtocol):
+    """Sends one 2 MiB message once open; records the close code it gets."""
+
+    def onOpen(self) -> None:
+        self.sendMessage(b"z" * (2 * 1024 * 1024), isBinary=True)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        self.factory.closed.callback(self.remoteCloseCode)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp2ws_closes_an_oversized_message_with_1009() -> None:
+    """tcp2ws (limit 1 MiB) answers a 2 MiB message from the server with close 1009 and closes TCP."""
+    from twisted.internet.defer import Deferred
+
+    wsf = WebSocketServerFactory(reactor=reactor)
+    wsf.protocol = BigSender
+    wsf.noisy = False
+    wsf.closed = Deferred()
+    wsport = reactor.listenTCP(0, wsf, interface="127.0.0.1")
+    svc = await start_proxy(f'[stream]\n[[stream.server]]\nbind_addr = "127.0.0.1:0"\nbind_mode = "tcp2ws"\n'
+                            f'proxy_url = "ws://127.0.0.1:{wsport.getHost().port}/"\nmax_message_size = "1m"\n')
+    try:
+        clients = await _open_clients(bound_port(svc), [b"x"])
+        assert await wsf.closed == 1009
+        assert await clients[0].done == b""
+    finally:
+        await _stop(svc, wsport)

@@ -57,6 +57,9 @@ class _FakeWsBase:
     def onAutoPingTimeout(self) -> None:
         self.ping_timeouts += 1
 
+    def _dataReceived(self, data: bytes) -> None:
+        self.data += data
+
 
 WS_CLOSING = 2
 
@@ -190,6 +193,21 @@ def test_failed_frames_and_handshake_size_are_not_passed_on() -> None:
     greedy.state = CONNECTING
     greedy.dataReceived(b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 5000)
     assert greedy.dropped == [True]
+
+
+def test_frames_right_after_the_handshake_are_not_an_oversized_head() -> None:
+    """A 101 followed in the same read by 40 KiB of frames is processed, not refused as too big."""
+    ws = FakeWs()
+    ws.state = CONNECTING
+    ws.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n" + b"\x82" * 40000)
+    assert ws.dropped == [] and len(ws.data) > 40000
+    held = FakeWs()
+    held.state = CONNECTING
+    held._hold_input = True  # a server still deciding: early bytes are held, but only so many
+    held.dataReceived(b"\x82" * 1000)
+    assert held.data == b"\x82" * 1000 and held.dropped == []
+    held.dataReceived(b"\x82" * 20000)
+    assert held.dropped == [True]
 
 
 def test_apply_limits_on_both_factories() -> None:

@@ -205,10 +205,6 @@ class Bridge:
         self.tcp_gone = False
         self.finished = False
 
-    @property
-    def joined(self) -> bool:
-        return self.splice.joined
-
     # -- the TCP side ------------------------------------------------------------------
     def tcp_made(self, transport: Any) -> None:
         """The TCP connection is up: the splice holds it paused until the WebSocket is open."""
@@ -250,14 +246,6 @@ class Bridge:
         self.splice.lost(WS, reason)
 
     # -- both -------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Close both sides (the WebSocket with 1001 if it is open)."""
-        if self.ws is not None:
-            self.ws.close_code = (1001, "going away")
-        if self.ws_proto is not None and self.ws is None and self.ws_proto.state != CLOSED:
-            self.ws_proto.dropConnection(abort=True)
-        self.splice.close()
-
     def _finished(self, _splice: Splice) -> None:
         if self.finished:
             return
@@ -320,13 +308,15 @@ class BridgeWsMixin:
     message_data: Any
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == CONNECTING:
-            if len(self.data) + len(data) > MAX_HANDSHAKE:
-                self._handshake_too_large()
-                return
-            if self._hold_input:
-                self.data += data  # consumed once the handshake is answered
-                return
+        # too much before the handshake is done: a head with no end in sight, or (while the
+        # server decides) early frames; bytes after a complete head are the peer's first frames
+        if (self.state == CONNECTING and len(self.data) + len(data) > MAX_HANDSHAKE
+                and (self._hold_input or (self.data + data).find(b"\r\n\r\n", 0, MAX_HANDSHAKE) < 0)):
+            self._handshake_too_large()
+            return
+        if self.state == CONNECTING and self._hold_input:
+            self.data += data  # consumed once the handshake is answered
+            return
         self._dataReceived(data)  # type: ignore[attr-defined]  # (autobahn's dataReceived only adds a debug log)
 
     def _handshake_too_large(self) -> None:
