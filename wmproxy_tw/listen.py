@@ -223,7 +223,7 @@ class ListenerRegistry:
                  max_connections: Optional[int] = None, backlog: int = 1024) -> Listener:
         """Listen on ``addr``, or raise :class:`StartupError` with one clear line."""
         key = ("tcp", addr)
-        if key in self.listeners:
+        if addr.port and key in self.listeners:
             raise StartupError(f"{name}: {addr} is already used by {self.listeners[key].name}")
         dispatch = Dispatch(factory, max_connections)
         try:
@@ -235,13 +235,13 @@ class ListenerRegistry:
         except error.CannotListenError as e:
             raise StartupError(f"{name}: cannot listen on {addr}: {_why(e)}") from None
         listener = Listener("tcp", addr, name, port, dispatch=dispatch)
-        self.listeners[key] = listener
+        self.listeners[_key("tcp", addr, listener)] = listener
         _log.info("{name} listening on {addr}", name=name, addr=str(listener.bound))
         return listener
 
     def bind_udp(self, addr: Address, proto: DatagramProtocol, name: str) -> Listener:
         key = ("udp", addr)
-        if key in self.listeners:
+        if addr.port and key in self.listeners:
             raise StartupError(f"{name}: udp {addr} is already used by {self.listeners[key].name}")
         udp = UdpDispatch(proto)
         try:
@@ -253,7 +253,7 @@ class ListenerRegistry:
         except error.CannotListenError as e:
             raise StartupError(f"{name}: cannot listen on udp {addr}: {_why(e)}") from None
         listener = Listener("udp", addr, name, port, udp=udp)
-        self.listeners[key] = listener
+        self.listeners[_key("udp", addr, listener)] = listener
         _log.info("{name} listening on udp {addr}", name=name, addr=str(listener.bound))
         return listener
 
@@ -330,6 +330,11 @@ class ListenerRegistry:
                 continue
             n += lst.dispatch.close_connections(abort)
         return n
+
+
+def _key(kind: str, addr: Address, listener: Listener) -> tuple[str, Address]:
+    """Listeners are keyed by their configured address; port 0 ones (tests) by the port they got."""
+    return (kind, addr if addr.port else Address(addr.host, listener.bound.port))
 
 
 def _maybe_deferred(value: Any) -> Deferred[Any]:

@@ -30,6 +30,8 @@ _log = Logger()
 
 #: After asking a leg to close gracefully, abort it if it is still open then.
 CLOSE_GRACE = 10.0
+#: Bytes a leg may deliver before its partner is attached (it is paused meanwhile: one read, in practice).
+MAX_EARLY = 1024 * 1024
 
 
 class Splice:
@@ -54,18 +56,36 @@ class Splice:
         self._last = clock.seconds()
         self._idle: IDelayedCall | None = None
         self._aborts: list[IDelayedCall | None] = [None, None]
+        self._early = [b"", b""]  # read from a leg before the other was attached
+        self._held = [False, False]  # legs we paused until their partner came
         self._done = False
 
     # -- set-up -------------------------------------------------------------
     def attach(self, side: int, transport: Any) -> None:
-        """Give the splice its leg ``side``; when both are there, bytes flow."""
+        """Give the splice its leg ``side``; when both are there, bytes flow.
+
+        A leg attached alone is paused until its partner comes; what it
+        delivered meanwhile (bounded by :data:`MAX_EARLY`) is written first.
+        """
         self.legs[side] = transport
-        if self.legs[A] is not None and self.legs[B] is not None:
-            a, b = self.legs
-            a.registerProducer(b, True)
-            b.registerProducer(a, True)
-            if self.idle_timeout:
-                self._idle = self.clock.callLater(self.idle_timeout, self._check_idle)
+        if self.legs[1 - side] is None:
+            transport.pauseProducing()
+            self._held[side] = True
+            return
+        a, b = self.legs
+        a.registerProducer(b, True)
+        b.registerProducer(a, True)
+        for s in (A, B):
+            early, self._early[s] = self._early[s], b""
+            if early and not self._lost[1 - s]:
+                self.legs[1 - s].write(early)
+        for s in (A, B):
+            if self._held[s]:
+                self._held[s] = False
+                if not self._lost[s]:
+                    self.legs[s].resumeProducing()
+        if self.idle_timeout:
+            self._idle = self.clock.callLater(self.idle_timeout, self._check_idle)
 
     @property
     def joined(self) -> bool:
@@ -79,7 +99,13 @@ class Splice:
             self.meter(side, len(data))
         self._last = self.clock.seconds()
         other = self.legs[1 - side]
-        if other is not None and not self._lost[1 - side]:
+        if other is None:
+            if len(self._early[side]) + len(data) > MAX_EARLY:
+                _log.info("relay: over {n} bytes before the other side connected: aborting", n=MAX_EARLY)
+                self.abort()
+            else:
+                self._early[side] += data
+        elif not self._lost[1 - side]:
             other.write(data)
 
     def read_closed(self, side: int) -> None:

@@ -25,6 +25,7 @@ from .control import feature as control_feature
 from .control.api import IController, ReloadError
 from .feature import BuildContext, IFeature, ListenSpec
 from .forward import feature as forward_feature
+from . import stream as stream_feature
 from .listen import ListenerRegistry, StartupError, diff
 from .observe.stats import Stats
 
@@ -37,6 +38,7 @@ Builder = Callable[[BuildContext, Config], list[IFeature]]
 #: One entry per capability: ``build(ctx, config) -> [IFeature]``.
 BUILDERS: list[Builder] = [
     forward_feature.build,
+    stream_feature.build,
 ]
 
 #: After shutdown_timeout, how long aborted connections get to report they are gone.
@@ -48,8 +50,6 @@ def _unsupported(config: Config) -> list[str]:
     out = []
     if config.http is not None and config.http.server:
         out.append("http.server")
-    if config.stream is not None and config.stream.server:
-        out.append("stream.server")
     if config.fleet is not None:
         out.append("fleet")
     p = config.proxy
@@ -77,18 +77,20 @@ def build_features(ctx: BuildContext, config: Config, controller: Optional[ICont
     if control:
         features += control_feature.build(ctx, config, controller)
     names: dict[str, IFeature] = {}
-    specs: dict[tuple[str, Any], ListenSpec] = {}
+    seen: dict[tuple[str, Any], ListenSpec] = {}
+    specs: list[ListenSpec] = []
     for f in features:
         if f.name in names:
             raise StartupError(f"two features are named {f.name!r}: feature names must be unique")
         names[f.name] = f
         for spec in f.listeners():
-            other = specs.get(spec.key)
-            if other is not None:
+            other = seen.get(spec.key)
+            if other is not None and spec.addr.port:  # port 0: each gets its own port (tests)
                 where = f"udp {spec.addr}" if spec.kind == "udp" else str(spec.addr)
                 raise StartupError(f"{spec.name}: {where} is already used by {other.name}")
-            specs[spec.key] = spec
-    return features, list(specs.values())
+            seen[spec.key] = spec
+            specs.append(spec)
+    return features, specs
 
 
 def plan(config: Config, control: bool = True) -> list[str]:

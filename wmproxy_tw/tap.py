@@ -103,24 +103,56 @@ class ProxyOptions(usage.Options):
         return "\n".join(lines) + "\n"
 
 
+class WsProxyOptions(usage.Options):
+    """``twistd wmproxy ws-proxy``: one tcp2ws / tcp2wss / ws2tcp bridge without a file."""
+
+    synopsis = "--mode tcp2ws|tcp2wss|ws2tcp -b ADDR -t URL [--domain NAME] [--path /P]"
+    optParameters = [
+        ["mode", "m", None, "tcp2ws (TCP in, WebSocket out), tcp2wss (the same over TLS) or ws2tcp"],
+        ["bind", "b", None, "address to listen on, e.g. 127.0.0.1:8085"],
+        ["target", "t", None, "tcp2ws: ws://host:port/path (or wss://); ws2tcp: host:port"],
+        ["domain", None, None, "tcp2ws: Host header and TLS name; ws2tcp: the only Host accepted"],
+        ["path", None, None, "ws2tcp: the only path accepted (others get 404)"],
+    ]
+    optFlags = [["insecure", "k", "tcp2wss: do not verify the server's certificate"]]
+
+    def postOptions(self) -> None:
+        if self["mode"] not in ("tcp2ws", "tcp2wss", "ws2tcp"):
+            raise usage.UsageError("--mode must be tcp2ws, tcp2wss or ws2tcp")
+        if not self["bind"] or not self["target"]:
+            raise usage.UsageError("-b ADDR and -t URL are both needed")
+
+    def to_toml(self) -> str:
+        lines = ["[[stream.server]]", f"bind_mode = {_quote(self['mode'])}",
+                 f"bind_addr = {_quote(self['bind'])}", f"proxy_url = {_quote(self['target'])}"]
+        if self["domain"]:
+            lines.append(f"domain = {_quote(self['domain'])}")
+        if self["path"]:
+            lines.append(f"path = {_quote(self['path'])}")
+        if self["insecure"]:
+            lines.append("proxy_ssl_verify = false")
+        return "\n".join(lines) + "\n"
+
+
 class Options(usage.Options):
     """``twistd wmproxy [-c FILE] [--check] [SUBCOMMAND]``."""
 
-    synopsis = "[-c FILE] [--check] [proxy ...]"
+    synopsis = "[-c FILE] [--check] [proxy ... | ws-proxy ...]"
     longdesc = "All-in-one proxy: forward, reverse, L4, WebSocket and NAT traversal."
     optParameters = [["config", "c", None, "configuration file (.toml, .yaml)"]]
     optFlags = [["check", None, "validate the configuration, print the listeners, exit"]]
     subCommands = [
         ["proxy", None, ProxyOptions, "run a forward proxy without a configuration file"],
+        ["ws-proxy", None, WsProxyOptions, "run one tcp2ws / ws2tcp bridge without a configuration file"],
     ]
 
     loaded: Loaded
 
     def postOptions(self) -> None:
         try:
-            if self.subCommand == "proxy":
+            if self.subCommand is not None:
                 if self["config"]:
-                    raise usage.UsageError("-c and the proxy sub-command exclude each other")
+                    raise usage.UsageError(f"-c and the {self.subCommand} sub-command exclude each other")
                 self.loaded = load_text(self.subOptions.to_toml(), "<command line>.toml")
             elif self["config"]:
                 self.loaded = load_config(self["config"])

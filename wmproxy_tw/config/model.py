@@ -496,6 +496,10 @@ class StreamServer(Model):
     deny_ip: IPSetT = g.IPSet()
     max_udp_sessions: int = Field(4096, ge=1)
 
+    def admits(self, ip: str) -> bool:
+        """A client address passes ``allow_ip`` (empty: everyone) and ``deny_ip``."""
+        return (not self.allow_ip or ip in self.allow_ip) and ip not in self.deny_ip
+
     @field_validator("send_proxy_protocol", mode="before")
     @classmethod
     def _ppv(cls, v: Any) -> Any:
