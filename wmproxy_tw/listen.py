@@ -93,7 +93,7 @@ class ListenerRegistry(service.Service):
                  max_connections: Optional[int] = None, backlog: int = 1024) -> Listener:
         """Listen on ``addr``, or raise :class:`StartupError` with one clear line."""
         key = ("tcp", addr)
-        if key in self.listeners:
+        if key in self.listeners and addr.port != 0:
             raise StartupError(f"{name}: {addr} is already used by {self.listeners[key].name}")
         dispatch = Dispatch(factory, max_connections)
         try:
@@ -101,6 +101,8 @@ class ListenerRegistry(service.Service):
         except error.CannotListenError as e:
             raise StartupError(f"{name}: cannot listen on {addr}: {_why(e)}") from None
         listener = Listener("tcp", addr, name, port, dispatch=dispatch)
+        if addr.port == 0:  # several "any port" listeners: key each by the port it got
+            key = ("tcp", listener.bound)
         self.listeners[key] = listener
         _log.info("{name} listening on {addr}", name=name, addr=str(listener.bound))
         return listener

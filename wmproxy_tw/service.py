@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from .config import Config, Loaded
 from .config.grammar import is_loopback_host
 from .listen import ListenerRegistry, StartupError
+from .tunnel.build import build_tunnel, plan_lines
 
 __all__ = ["ProxyService", "plan"]
 
@@ -26,14 +27,6 @@ def _unsupported(config: Config) -> list[str]:
         out.append("stream.server")
     if config.fleet is not None:
         out.append("fleet")
-    p = config.proxy
-    if p is not None:
-        if p.center_addr or p.mode == "server":
-            out.append("proxy.center_addr (tunnel server)")
-        if p.server:
-            out.append("proxy.server (tunnel client / chaining)")
-        if p.mappings:
-            out.append("proxy.mappings")
     return out
 
 
@@ -52,8 +45,11 @@ def plan(config: Config) -> list[str]:
                     f"proxy.bind: refusing to run an unauthenticated proxy on {addr} (not loopback): "
                     "set username/password, or allow_open_proxy = true if you really mean it"
                 )
-            lines.append(f"forward proxy ({' '.join(sorted(p.flag))}) on {addr}"
-                         + (" with auth" if p.username else ""))
+            if p.server is None:
+                lines.append(f"forward proxy ({' '.join(sorted(p.flag))}) on {addr}"
+                             + (" with auth" if p.username else ""))
+    if p is not None:
+        lines += plan_lines(p)
     return lines
 
 
@@ -76,7 +72,9 @@ class ProxyService(service.MultiService):
         """Build every feature and bind its listeners; raise StartupError."""
         plan(self.config)
         p = self.config.proxy
-        if p is not None and p.bind:
+        if p is not None and (p.center_addr or p.server):
+            self.features += build_tunnel(self.reactor, p, self.registry, self)
+        if p is not None and p.bind and p.server is None:
             from .forward.server import ForwardFactory
 
             factory = ForwardFactory(self.reactor, p, own_listeners=p.bind)
