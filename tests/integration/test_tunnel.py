@@ -65,7 +65,7 @@ class Logs:
     def __init__(self) -> None:
         self.lines: list[str] = []
 
-    def __enter__(self) -> Logs:
+    def __enter__(self) -> Logs:  # noqa: PYI034
         globalLogPublisher.addObserver(self._observe)
         return self
 
@@ -141,7 +141,7 @@ async def test_wmproxy_server_and_client_toml_shape(tmp_path: Path) -> None:
     web = origin()
     server_text = (WMPROXY_CONFIGS / "server.toml").read_text(encoding="utf-8")
     for key in ("bind_addr", "map_http_bind", "map_tcp_bind", "map_https_bind"):
-        server_text = re.sub(rf'^{key} = ".*"$', f'{key} = "127.0.0.1:0"', server_text, flags=re.M)
+        server_text = re.sub(rf'^{key} = ".*"$', f'{key} = "127.0.0.1:0"', server_text, flags=re.MULTILINE)
     server_text += textwrap.dedent(f"""
         cert = "{certs.server_cert}"
         key = "{certs.server_key}"
@@ -173,8 +173,8 @@ async def test_wmproxy_server_and_client_toml_shape(tmp_path: Path) -> None:
         text = out.decode()
         assert text.startswith("HTTP/1.1 200")
         assert "X-Forward-For: 127.0.0.1" in text  # proxy x-forward-for {client_ip}
-        assert re.search(r"^From: http://localhost(:\d+)?/headers\r?$", text, re.M | re.I)
-        assert re.search(r"^last-modified: from proxy\r?$", text, re.M | re.I)
+        assert re.search(r"^From: http://localhost(:\d+)?/headers\r?$", text, re.MULTILINE | re.IGNORECASE)
+        assert re.search(r"^last-modified: from proxy\r?$", text, re.MULTILINE | re.IGNORECASE)
         status, body = await curl("-H", "Host: nobody.example", f"http://127.0.0.1:{http}/")
         assert status == 404 and b"nobody.example" in body
         # the tcp mapping on map_tcp_bind reaches the same private service as raw bytes
@@ -207,7 +207,7 @@ async def test_map_proxy_bind_is_served_by_the_clients_forward_proxy() -> None:
         [[proxy.mappings]]
         name = "px"
         mode = "proxy"
-        """)
+        """, extra='allow_open_proxy = true')
     try:
         port = port_of(srv, "tunnel proxy")
         url = f"http://127.0.0.1:{web.getHost().port}/blob?n=200000"
@@ -486,3 +486,51 @@ async def test_remote_port_opens_and_closes_with_its_client() -> None:
         assert status == 0  # nothing listens any more
     finally:
         await stop(srv, web)
+
+
+@pytest_twisted.ensureDeferred
+async def test_conf_examples_work(tmp_path: Path) -> None:
+    """conf/tunnel-server.toml and conf/tunnel-client.toml (ports, cert paths adapted) work."""
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    certs = generate(tmp_path / "certs")
+    web = origin()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+
+    def adapt(text: str) -> str:
+        text = text.replace('"certs/', f'"{tmp_path}/certs/')
+        text = re.sub(r'"127\.0\.0\.1:80\d\d"', '"127.0.0.1:0"', text)
+        text = text.replace('"127.0.0.1:22"', '"127.0.0.1:0"')  # ssh: the test origin too
+        return text.replace("remote_port = 2222", f"remote_port = {free}")
+
+    srv = await start_proxy(adapt((conf / "tunnel-server.toml").read_text()))
+    client_text = adapt((conf / "tunnel-client.toml").read_text())
+    client_text = client_text.replace('server = "127.0.0.1:0"',
+                                      f'server = "127.0.0.1:{port_of(srv, "tunnel server")}"')
+    client_text = client_text.replace('local_addr = "127.0.0.1:0"',
+                                      f'local_addr = "127.0.0.1:{web.getHost().port}"')
+    cli = await start_proxy(client_text)
+    client = feature(cli, TunnelClient)
+    try:
+        await client.when_connected()
+        await until(lambda: client.conn is not None and len(client.conn.accepted) == 4)
+        http, https = port_of(srv, "tunnel http"), port_of(srv, "tunnel https")
+        out, err, code = await run("curl", "-sS", "-D", "-", "-H", "Host: localhost",
+                                   f"http://127.0.0.1:{http}/headers")
+        assert code == 0, err
+        assert b"X-Served-By: tunnel" in out and b"X-Forwarded-For: 127.0.0.1" in out
+        status, body = await curl(f"http://127.0.0.1:{port_of(srv, 'tunnel tcp')}/blob?n=7")
+        assert (status, body) == (200, pattern(7))
+        status, body = await curl(f"http://127.0.0.1:{free}/blob?n=9")
+        assert (status, body) == (200, pattern(9))
+        url = f"http://127.0.0.1:{web.getHost().port}/blob?n=11"
+        proxy = port_of(srv, "tunnel proxy")
+        status, _ = await curl("-x", f"http://127.0.0.1:{proxy}", url)
+        assert status == 407  # the client's forward proxy wants its credentials
+        status, body = await curl("-x", f"http://proxyuser:change-me-too@127.0.0.1:{proxy}", url)
+        assert (status, body) == (200, pattern(11))
+        status, _ = await curl("--cacert", str(certs.ca_cert), f"https://localhost:{https}/x")
+        assert status == 404  # no https mapping in the example
+    finally:
+        await stop(cli, srv, web)

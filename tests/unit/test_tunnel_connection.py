@@ -281,7 +281,7 @@ def test_reset_both_ways_reaches_the_protocols() -> None:
     assert mine.reason is not None and mine.reason.check(error.ConnectionAborted)
     assert theirs.reason is not None and theirs.reason.check(StreamResetError)
     assert theirs.reason.value.code == ResetCode.CANCEL
-    stream2, mine2 = pair.open()
+    _stream2, mine2 = pair.open()
     pair.pump()
     pair.server.opened[1].transport.reset(ResetCode.CONNECT_FAILED)
     pair.pump()

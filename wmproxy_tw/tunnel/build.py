@@ -69,6 +69,10 @@ def plan_lines(p: Proxy) -> list[str]:
         if p.two_way_tls and not p.cert:
             raise StartupError("proxy.two_way_tls: the tunnel client needs cert and key "
                                "(its client certificate)")
+        if any(m.mode == "proxy" for m in p.mappings) and p.username is None and not p.allow_open_proxy:
+            raise StartupError("proxy.mappings: a proxy mapping exposes this node's forward proxy "
+                               "on the server's map_proxy_bind: set username/password, or "
+                               "allow_open_proxy = true if you really mean it")
         security = ("mutual TLS" if p.two_way_tls else "TLS") if _client_tls(p) else "cleartext"
         names = ", ".join(f"{m.name} ({m.mode})" for m in p.mappings) or "no mappings"
         lines.append(f"tunnel client of {p.server} ({security}) publishing {names}")
