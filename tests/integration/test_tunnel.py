@@ -534,3 +534,34 @@ async def test_conf_examples_work(tmp_path: Path) -> None:
         assert status == 404  # no https mapping in the example
     finally:
         await stop(cli, srv, web)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_client_replaces_its_silent_session_only() -> None:
+    """A named client's new session replaces its unanswering old one, never a live one."""
+    web = tagged_origin("W")
+    srv = await tunnel_server('heartbeat_interval = "200ms"\nheartbeat_timeout = "10s"\n')
+    mapping = f"""
+        [[proxy.mappings]]
+        name = "web"
+        mode = "http"
+        local_addr = "127.0.0.1:{web.getHost().port}"
+        domain = "w.test"
+        """
+    with Logs() as logs:
+        old = await tunnel_client(srv, mapping, extra='client_name = "same"')
+        silent = feature(old, TunnelClient).conn
+        silent.transport.pauseProducing()  # as if its link were cut: it neither reads ...
+        silent.heartbeat = None  # ... nor pings
+        await deferLater(0.5)
+        new = await tunnel_client(srv, mapping, extra='client_name = "same"')
+        live_dup = await tunnel_client(srv, mapping, extra='client_name = "same"')
+    try:
+        assert logs.has("a new connection replaces the silent one")
+        assert "web" in feature(new, TunnelClient).conn.accepted
+        assert "web" in feature(live_dup, TunnelClient).conn.refused
+        status, body = await curl("-H", "Host: w.test",
+                                  f"http://127.0.0.1:{port_of(srv, 'tunnel http')}/n")
+        assert (status, body) == (200, b"W /n")
+    finally:
+        await stop(old, new, live_dup, srv, web)

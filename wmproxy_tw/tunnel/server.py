@@ -282,16 +282,26 @@ class TunnelServer:
     # --- registrations ---
 
     def replace_stale(self, conn: ServerConnection) -> None:
-        """A named client reconnected while its old session lingers: drop the old one."""
+        """A named client reconnected while its old session lingers unanswered: drop the old one.
+
+        Only a session that has not answered our last ping (silent for 1.5 heartbeat intervals)
+        is replaced, so two live clients of one name do not take turns: the second one's
+        conflicting registrations are refused instead.
+        """
         if not conn.client_name:
             return
+        now = self.reactor.seconds()
         for other in list(self.connections):
-            if (other is not conn and other.client_name == conn.client_name
-                    and other.identity == conn.identity and other.mux.is_open):
-                _log.info("tunnel client {client}: a new connection replaces the one from {peer}",
-                          client=conn.client_name, peer=other.label)
-                self.unregister_all(other)
-                other.go_away("replaced by a new connection of the same client")
+            if (other is conn or other.client_name != conn.client_name
+                    or other.identity != conn.identity or not other.mux.is_open):
+                continue
+            heartbeat = other.heartbeat
+            if heartbeat is not None and now - heartbeat.last_received < 1.5 * heartbeat.interval:
+                continue
+            _log.info("tunnel client {client}: a new connection replaces the silent one from {peer}",
+                      client=conn.client_name, peer=other.label)
+            self.unregister_all(other)
+            other.go_away("replaced by a new connection of the same client")
 
     def register(self, conn: ServerConnection, reg: Register) -> str | None:
         """Publish a mapping; returns the reason for refusing it, or None."""
