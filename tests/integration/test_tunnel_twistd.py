@@ -110,3 +110,24 @@ async def test_killed_restarted_and_stopped_client_process(tmp_path: Path) -> No
                 proc.signal("KILL")
                 await proc.ended
         await stop(srv, web)
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_lists_tunnel_listeners_and_bad_cert_exits_1(tmp_path: Path) -> None:
+    """--check prints the tunnel lines; a missing certificate stops start-up with one line."""
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    out, err, code = await run(TWISTD, "wmproxy", "--check", "-c", str(conf / "tunnel-server.toml"))
+    assert code == 0, err
+    assert b"tunnel server on 127.0.0.1:8091 (TLS, tokens)" in out
+    assert b"tunnel http mappings on 127.0.0.1:8001" in out
+    out, err, code = await run(TWISTD, "wmproxy", "--check", "proxy", "-S", "127.0.0.1:9",
+                               "--ts")
+    assert code == 0, err
+    assert b"forward proxy on 127.0.0.1:8090 chained to 127.0.0.1:9" in out
+    config = tmp_path / "server.toml"
+    config.write_text('[proxy]\ncenter_addr = "127.0.0.1:0"\ntc = true\n'
+                      f'cert = "{tmp_path}/nope.pem"\nkey = "{tmp_path}/nope.key"\n')
+    out, err, code = await run(TWISTD, "-n", "--pidfile=", "wmproxy", "-c", str(config))
+    lines = err.decode().strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "nope.pem" in lines[0], err
+    assert b"Traceback" not in out + err

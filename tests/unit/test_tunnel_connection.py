@@ -368,3 +368,25 @@ def test_stream_is_a_splice_leg_with_producers_both_ways() -> None:
     local_proto.connectionLost(Failure(error.ConnectionDone()))
     pair.pump()
     assert reader.eof or reader.reason is not None
+
+
+def test_one_huge_write_and_small_writes_arrive_in_order() -> None:
+    """A 1 MiB write leaves in chunk-sized frames, small writes coalesce; bytes arrive in order."""
+    pair = Pair(window=8192, chunk=4096)
+    stream, _ = pair.open()
+    pair.pump()
+    pair.client.pauseProducing()  # queue everything first
+    blob = bytes(range(256)) * 4096
+    stream.write(blob)
+    for i in range(100):
+        stream.write(b"%d," % i)
+    pair.client.resumeProducing()
+    sizes = []
+    for _ in range(1000):
+        sizes += [len(f.data) for f in FrameDecoder().feed(pair.ct.value()) if isinstance(f, Data)]
+        pair.pump()
+        if stream._pending == 0:
+            break
+    expected = blob + b"".join(b"%d," % i for i in range(100))
+    assert bytes(pair.server.opened[0].data) == expected
+    assert max(sizes) == 4096 and len(sizes) < len(expected) // 4096 + 3

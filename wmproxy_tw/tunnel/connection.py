@@ -167,7 +167,8 @@ class TunnelStream:
         self.reset_code: int | None = None  # set when the peer reset the stream
         # sending
         self._send: deque[bytes] = deque()  # chunks waiting for credit or for the tunnel
-        self._pending = 0  # bytes in _send
+        self._pending = 0  # bytes in _send (from _offset on)
+        self._offset = 0  # bytes of _send[0] already sent
         self._write_closing = False  # CLOSE is due once _send is empty
         self._close_sent = False
         self._queued = False  # in the connection's round-robin queue
@@ -239,7 +240,7 @@ class TunnelStream:
         if self._lost:
             return
         self._send.clear()
-        self._pending = 0
+        self._pending = self._offset = 0
         self.conn._send(self.conn.mux.reset_stream(self.id, ResetCode.CANCEL))
         self._finish(Failure(error.ConnectionAborted()))
 
@@ -248,7 +249,7 @@ class TunnelStream:
         if self._lost:
             return
         self._send.clear()
-        self._pending = 0
+        self._pending = self._offset = 0
         self.conn._send(self.conn.mux.reset_stream(self.id, code))
         self._finish(Failure(error.ConnectionLost(f"stream reset ({_reset_name(code)})")))
 
@@ -339,12 +340,12 @@ class TunnelStream:
     def _remote_reset(self, code: int) -> None:
         self.reset_code = code
         self._send.clear()
-        self._pending = 0
+        self._pending = self._offset = 0
         self._finish(Failure(StreamResetError(code)))
 
     def _connection_gone(self, reason: Failure) -> None:
         self._send.clear()
-        self._pending = 0
+        self._pending = self._offset = 0
         self._finish(reason)
 
     # --- from the connection: sending ---
@@ -374,23 +375,31 @@ class TunnelStream:
         return frames
 
     def _take(self, limit: int) -> bytes:
-        """Up to ``limit`` queued bytes: whole chunks without copying when they fit."""
+        """Up to ``limit`` queued bytes: whole chunks without copying when they fit.
+
+        A chunk larger than ``limit`` is consumed through an offset (never re-sliced whole), so a
+        single huge write costs one copy of each byte.
+        """
         queue = self._send
         first = queue[0]
-        if len(first) >= limit:
-            if len(first) == limit:
-                piece = queue.popleft()
-            else:
-                piece, queue[0] = first[:limit], first[limit:]
+        start = self._offset
+        if len(first) - start > limit:
+            self._offset = start + limit
             self._pending -= limit
+            return first[start:start + limit]
+        queue.popleft()
+        self._offset = 0
+        piece = first[start:] if start else first
+        size = len(piece)
+        if not queue or size + len(queue[0]) > limit:
+            self._pending -= size
             return piece
-        pieces = [queue.popleft()]
-        size = len(first)
+        pieces = [piece]
         while queue and size + len(queue[0]) <= limit:
             size += len(queue[0])
             pieces.append(queue.popleft())
         self._pending -= size
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return b"".join(pieces)
 
     def _after_send(self) -> None:
         """Called once the frames of :meth:`_take_frames` were written."""
