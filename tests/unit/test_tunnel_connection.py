@@ -31,7 +31,12 @@ from wmproxy_tw.tunnel.frames import (
     Reset,
     ResetCode,
 )
-from wmproxy_tw.tunnel.session import Event, HelloAccepted, HelloReceived
+from wmproxy_tw.tunnel.session import (
+    Event,
+    HelloAccepted,
+    HelloReceived,
+    TunnelStateError,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -390,3 +395,35 @@ def test_one_huge_write_and_small_writes_arrive_in_order() -> None:
     expected = blob + b"".join(b"%d," % i for i in range(100))
     assert bytes(pair.server.opened[0].data) == expected
     assert max(sizes) == 4096 and len(sizes) < len(expected) // 4096 + 3
+
+
+def test_go_away_lets_open_streams_finish_then_closes() -> None:
+    """GOAWAY: no new streams either way; the open one finishes; then the connection closes."""
+    pair = Pair()
+    stream, mine = pair.open()
+    pair.pump()
+    theirs = pair.server.opened[0]
+    pair.server.go_away("maintenance")
+    pair.pump()
+    assert not pair.st.disconnecting and not pair.ct.disconnecting
+    with pytest.raises(TunnelStateError):
+        pair.client.open_stream("m")
+    theirs.transport.write(b"last words")
+    theirs.transport.loseConnection()
+    pair.pump()
+    assert bytes(mine.data) == b"last words"
+    assert not pair.st.disconnecting  # the stream is half-open still
+    stream.loseConnection()
+    pair.pump()
+    assert pair.st.disconnecting and pair.ct.disconnecting
+
+
+def test_go_away_cuts_streams_after_the_grace_period() -> None:
+    """A stream that never ends does not hold a draining connection open past CLOSE_GRACE."""
+    pair = Pair()
+    pair.open()
+    pair.pump()
+    pair.client.go_away()
+    assert not pair.ct.disconnecting
+    pair.clock.advance(CLOSE_GRACE)
+    assert pair.ct.disconnecting

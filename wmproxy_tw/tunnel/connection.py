@@ -469,6 +469,8 @@ class TunnelConnection(Protocol):
         self._closing = False
         self._timer: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
+        self._draining = False
+        self._drain_call: IDelayedCall | None = None
 
     # --- description, for logs ---
 
@@ -512,10 +514,10 @@ class TunnelConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
         self._closing = True
-        for call in (self._timer, self._abort_call):
+        for call in (self._timer, self._abort_call, self._drain_call):
             if call is not None and call.active():
                 call.cancel()
-        self._timer = self._abort_call = None
+        self._timer = self._abort_call = self._drain_call = None
         gone = Failure(error.ConnectionLost("the tunnel connection closed"))
         for stream in list(self.streams.values()):
             stream._connection_gone(gone)
@@ -592,6 +594,8 @@ class TunnelConnection(Protocol):
     def _forget(self, stream: TunnelStream) -> None:
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
+            if self._draining and not self.streams:
+                self._close()
 
     # --- events ---
 
@@ -613,7 +617,7 @@ class TunnelConnection(Protocol):
             if stream is not None:
                 stream._remote_closed()
         elif isinstance(event, StreamReset):
-            stream = self.streams.pop(event.stream_id, None)
+            stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream._remote_reset(event.code)
         elif isinstance(event, StreamOpened):
@@ -688,10 +692,20 @@ class TunnelConnection(Protocol):
         self._close()
 
     def go_away(self, message: str = "shutting down") -> None:
-        """Announce shutdown and close the connection (open streams are cut after a grace)."""
+        """Announce shutdown: no new streams; close once the open ones have ended."""
         if self.mux.is_open and not self.mux.local_going_away:
             self._send(self.mux.go_away(ErrorCode.NO_ERROR, message))
-        self._close()
+        self._drain()
+
+    def _drain(self) -> None:
+        """Close when no stream is left, or after :data:`CLOSE_GRACE` in any case."""
+        if self._closing or not self.connected:
+            return
+        self._draining = True
+        if not self.streams:
+            self._close()
+        elif self._drain_call is None:
+            self._drain_call = self.clock.callLater(CLOSE_GRACE, self._close)
 
     def _close(self) -> None:
         if self._closing or not self.connected:
@@ -718,10 +732,10 @@ class TunnelConnection(Protocol):
         stream.reset(ResetCode.UNKNOWN_MAPPING)
 
     def go_away_received(self, code: int, message: str) -> None:
-        """The peer is shutting down; by default close when its open streams are done."""
+        """The peer is shutting down: close once the open streams are done."""
         _log.info("tunnel {peer}: the peer goes away: {message}", peer=self.label,
                   message=message or _code_name(code))
-        self._close()
+        self._drain()
 
     def heartbeat_expired(self) -> None:
         """The peer is considered dead; the connection is aborted right after."""
