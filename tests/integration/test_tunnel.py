@@ -175,6 +175,11 @@ async def test_wmproxy_server_and_client_toml_shape(tmp_path: Path) -> None:
         assert "X-Forward-For: 127.0.0.1" in text  # proxy x-forward-for {client_ip}
         assert re.search(r"^From: http://localhost(:\d+)?/headers\r?$", text, re.MULTILINE | re.IGNORECASE)
         assert re.search(r"^last-modified: from proxy\r?$", text, re.MULTILINE | re.IGNORECASE)
+        upload = tmp_path / "upload"
+        upload.write_bytes(pattern(3_000_000))
+        status, body = await curl("-H", "Host: localhost", "--data-binary", f"@{upload}",
+                                  f"http://127.0.0.1:{http}/echo")
+        assert status == 200 and body == pattern(3_000_000)  # a request body, both ways
         status, body = await curl("-H", "Host: nobody.example", f"http://127.0.0.1:{http}/")
         assert status == 404 and b"nobody.example" in body
         # the tcp mapping on map_tcp_bind reaches the same private service as raw bytes
@@ -565,3 +570,61 @@ async def test_reconnecting_client_replaces_its_silent_session_only() -> None:
         assert (status, body) == (200, b"W /n")
     finally:
         await stop(old, new, live_dup, srv, web)
+
+
+class Upgrader(Protocol):
+    """A private service that accepts an HTTP upgrade (101) and then echoes raw bytes."""
+
+    def connectionMade(self) -> None:
+        self.head = b""
+        self.upgraded = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.upgraded:
+            self.transport.write(data)
+            return
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            _head, rest = self.head.split(b"\r\n\r\n", 1)
+            self.upgraded = True
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n")
+            if rest:
+                self.transport.write(rest)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_through_an_http_mapping_becomes_a_raw_relay() -> None:
+    """A 101 answer turns the public connection into a byte relay through the stream."""
+    factory = Factory.forProtocol(Upgrader)
+    factory.noisy = False
+    private = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    srv = await tunnel_server()
+    cli = await tunnel_client(srv, f"""
+        [[proxy.mappings]]
+        name = "ws"
+        mode = "http"
+        local_addr = "127.0.0.1:{private.getHost().port}"
+        domain = "ws.test"
+        """)
+    script = textwrap.dedent(f"""
+        import socket
+        s = socket.create_connection(("127.0.0.1", {port_of(srv, "tunnel http")}))
+        s.settimeout(10)
+        s.sendall(b"GET /chat HTTP/1.1\\r\\nHost: ws.test\\r\\nUpgrade: websocket\\r\\n"
+                  b"Connection: Upgrade\\r\\nSec-WebSocket-Key: x\\r\\nSec-WebSocket-Version: 13\\r\\n\\r\\n")
+        got = b""
+        while b"\\r\\n\\r\\n" not in got:
+            got += s.recv(4096)
+        head, rest = got.split(b"\\r\\n\\r\\n", 1)
+        s.sendall(b"raw bytes after the upgrade")
+        while len(rest) < 27:
+            rest += s.recv(4096)
+        print(head.split(b"\\r\\n")[0].decode(), rest.decode())
+    """)
+    try:
+        out, err, code = await run_python("-c", script)
+        assert code == 0, err
+        assert out.decode().strip() == "HTTP/1.1 101 Switching Protocols raw bytes after the upgrade"
+    finally:
+        await stop(cli, srv, private)
