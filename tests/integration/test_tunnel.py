@@ -125,6 +125,19 @@ async def tunnel_client(server_svc: ProxyService, mappings: str, extra: str = ""
     return svc
 
 
+def mapping(name: str, mode: str, local_port: int | None = None, domain: str | None = None,
+            remote_port: int | None = None) -> str:
+    """One [[proxy.mappings]] table."""
+    lines = ["[[proxy.mappings]]", f'name = "{name}"', f'mode = "{mode}"']
+    if local_port is not None:
+        lines.append(f'local_addr = "127.0.0.1:{local_port}"')
+    if domain is not None:
+        lines.append(f'domain = "{domain}"')
+    if remote_port is not None:
+        lines.append(f"remote_port = {remote_port}")
+    return "\n".join(lines) + "\n"
+
+
 async def curl(*args: str) -> tuple[int, bytes]:
     """curl -s with the status code appended on its own line: (status, body)."""
     out, _err, _code = await run("curl", "-s", "-w", "\n%{http_code}", *args)
@@ -208,11 +221,7 @@ async def test_map_proxy_bind_is_served_by_the_clients_forward_proxy() -> None:
     """Public connections on map_proxy_bind reach origins through the client's proxy engine."""
     web = origin()
     srv = await tunnel_server('map_proxy_bind = "127.0.0.1:0"\n')
-    cli = await tunnel_client(srv, """
-        [[proxy.mappings]]
-        name = "px"
-        mode = "proxy"
-        """, extra='allow_open_proxy = true')
+    cli = await tunnel_client(srv, mapping("px", "proxy"), extra='allow_open_proxy = true')
     try:
         port = port_of(srv, "tunnel proxy")
         url = f"http://127.0.0.1:{web.getHost().port}/blob?n=200000"
@@ -230,27 +239,13 @@ async def test_two_clients_own_domains_and_a_third_is_refused() -> None:
     a, b, c = tagged_origin("A"), tagged_origin("B"), tagged_origin("C")
     srv = await tunnel_server()
     with Logs() as logs:
-        one = await tunnel_client(srv, f"""
-            [[proxy.mappings]]
-            name = "web"
-            mode = "http"
-            local_addr = "127.0.0.1:{a.getHost().port}"
-            domain = "a.test"
-            """, extra='client_name = "one"')
-        two = await tunnel_client(srv, f"""
-            [[proxy.mappings]]
-            name = "web"
-            mode = "http"
-            local_addr = "127.0.0.1:{b.getHost().port}"
-            domain = "b.test *.wild.test"
-            """, extra='client_name = "two"')
-        three = await tunnel_client(srv, f"""
-            [[proxy.mappings]]
-            name = "copy"
-            mode = "http"
-            local_addr = "127.0.0.1:{c.getHost().port}"
-            domain = "A.test"
-            """, extra='client_name = "three"')
+        one = await tunnel_client(srv, mapping("web", "http", a.getHost().port, domain="a.test"),
+                                  extra='client_name = "one"')
+        two = await tunnel_client(srv, mapping("web", "http", b.getHost().port,
+                                               domain="b.test *.wild.test"),
+                                  extra='client_name = "two"')
+        three = await tunnel_client(srv, mapping("copy", "http", c.getHost().port, domain="A.test"),
+                                    extra='client_name = "three"')
     try:
         refused = feature(three, TunnelClient).conn.refused
         assert "copy" in refused
@@ -319,12 +314,7 @@ async def test_hundred_streams_one_stalled_reader() -> None:
     factory.noisy = False
     source = reactor.listenTCP(0, factory, interface="127.0.0.1")
     srv = await tunnel_server('map_tcp_bind = "127.0.0.1:0"\n')
-    cli = await tunnel_client(srv, f"""
-        [[proxy.mappings]]
-        name = "src"
-        mode = "tcp"
-        local_addr = "127.0.0.1:{source.getHost().port}"
-        """)
+    cli = await tunnel_client(srv, mapping("src", "tcp", source.getHost().port))
     port = port_of(srv, "tunnel tcp")
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
@@ -357,13 +347,7 @@ async def test_client_gone_gives_502_at_once_and_it_comes_back() -> None:
     """The client's link drops: 502 within 1 s; it reconnects within its backoff and serves again."""
     web = tagged_origin("W")
     srv = await tunnel_server()
-    cli = await tunnel_client(srv, f"""
-        [[proxy.mappings]]
-        name = "web"
-        mode = "http"
-        local_addr = "127.0.0.1:{web.getHost().port}"
-        domain = "w.test"
-        """)
+    cli = await tunnel_client(srv, mapping("web", "http", web.getHost().port, domain="w.test"))
     client = feature(cli, TunnelClient)
     http = port_of(srv, "tunnel http")
     try:
@@ -389,13 +373,8 @@ async def test_wrong_token_is_refused_and_logged_on_both_sides() -> None:
     web = tagged_origin("W")
     srv = await tunnel_server()
     with Logs() as logs:
-        cli = await tunnel_client(srv, f"""
-            [[proxy.mappings]]
-            name = "web"
-            mode = "http"
-            local_addr = "127.0.0.1:{web.getHost().port}"
-            domain = "w.test"
-            """, auth='token = "bad-token"', wait=False)
+        cli = await tunnel_client(srv, mapping("web", "http", web.getHost().port, domain="w.test"),
+                                  auth='token = "bad-token"', wait=False)
         client = feature(cli, TunnelClient)
         await until(lambda: client.auth_failed is not None)
         await until(lambda: logs.has("authentication failed (token)"))
@@ -475,13 +454,7 @@ async def test_remote_port_opens_and_closes_with_its_client() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
-    cli = await tunnel_client(srv, f"""
-        [[proxy.mappings]]
-        name = "ssh"
-        mode = "tcp"
-        local_addr = "127.0.0.1:{web.getHost().port}"
-        remote_port = {free}
-        """)
+    cli = await tunnel_client(srv, mapping("ssh", "tcp", web.getHost().port, remote_port=free))
     try:
         status, body = await curl(f"http://127.0.0.1:{free}/blob?n=5000")
         assert status == 200 and body == pattern(5000)
@@ -546,21 +519,15 @@ async def test_reconnecting_client_replaces_its_silent_session_only() -> None:
     """A named client's new session replaces its unanswering old one, never a live one."""
     web = tagged_origin("W")
     srv = await tunnel_server('heartbeat_interval = "200ms"\nheartbeat_timeout = "10s"\n')
-    mapping = f"""
-        [[proxy.mappings]]
-        name = "web"
-        mode = "http"
-        local_addr = "127.0.0.1:{web.getHost().port}"
-        domain = "w.test"
-        """
+    web_mapping = mapping("web", "http", web.getHost().port, domain="w.test")
     with Logs() as logs:
-        old = await tunnel_client(srv, mapping, extra='client_name = "same"')
+        old = await tunnel_client(srv, web_mapping, extra='client_name = "same"')
         silent = feature(old, TunnelClient).conn
         silent.transport.pauseProducing()  # as if its link were cut: it neither reads ...
         silent.heartbeat = None  # ... nor pings
         await deferLater(0.5)
-        new = await tunnel_client(srv, mapping, extra='client_name = "same"')
-        live_dup = await tunnel_client(srv, mapping, extra='client_name = "same"')
+        new = await tunnel_client(srv, web_mapping, extra='client_name = "same"')
+        live_dup = await tunnel_client(srv, web_mapping, extra='client_name = "same"')
     try:
         assert logs.has("a new connection replaces the silent one")
         assert "web" in feature(new, TunnelClient).conn.accepted
@@ -600,13 +567,7 @@ async def test_upgrade_through_an_http_mapping_becomes_a_raw_relay() -> None:
     factory.noisy = False
     private = reactor.listenTCP(0, factory, interface="127.0.0.1")
     srv = await tunnel_server()
-    cli = await tunnel_client(srv, f"""
-        [[proxy.mappings]]
-        name = "ws"
-        mode = "http"
-        local_addr = "127.0.0.1:{private.getHost().port}"
-        domain = "ws.test"
-        """)
+    cli = await tunnel_client(srv, mapping("ws", "http", private.getHost().port, domain="ws.test"))
     script = textwrap.dedent(f"""
         import socket
         s = socket.create_connection(("127.0.0.1", {port_of(srv, "tunnel http")}))
