@@ -211,3 +211,48 @@ def test_gen_cert_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["gen-cert", "-o", str(tmp_path)]) == 1
     assert "exists" in capsys.readouterr().err
     assert main(["gen-cert", "-o", str(tmp_path), "--force"]) == 0
+
+
+def _public_http() -> tuple[Any, Any, Any]:
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from wmproxy_tw.tunnel.httpmap import PublicHttp
+
+    clock = Clock()
+    server = _server()
+    server.reactor = clock
+    proto = PublicHttp(server, "http")
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, clock
+
+
+def test_public_http_answers_404_naming_the_host_and_502_when_offline() -> None:
+    """Unknown Host: a 404 page naming it (escaped); a departed client's host: 502 at once."""
+    proto, transport, _clock = _public_http()
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: <b>evil.test</b>\r\n\r\n")
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 404 ") and b"&lt;b&gt;evil.test&lt;/b&gt;" in answer
+    assert transport.disconnecting
+    proto, transport, _clock = _public_http()
+    proto.server.registry.offline[("http", "gone.test")] = "someone"
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: gone.test:8001\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 502 ")
+    assert b"gone.test is offline" in transport.value()
+
+
+def test_public_http_deadlines() -> None:
+    """A partial request head gets 408 after the header timeout; an idle connection just closes."""
+    from wmproxy_tw.tunnel.httpmap import HEADER_TIMEOUT
+
+    proto, transport, clock = _public_http()
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHo")
+    clock.advance(HEADER_TIMEOUT)
+    assert transport.value().startswith(b"HTTP/1.1 408 ") and transport.disconnecting
+    proto, transport, clock = _public_http()
+    clock.advance(HEADER_TIMEOUT)
+    assert transport.value() == b"" and transport.disconnecting
+    proto, transport, clock = _public_http()
+    proto.dataReceived(b"\x16\x03\x01garbage that is not HTTP\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 400 ") and transport.disconnecting

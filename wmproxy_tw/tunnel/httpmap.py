@@ -19,6 +19,7 @@ import h11
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -74,7 +75,7 @@ class PublicHttpFactory(Factory):
 
 
 @implementer(IHalfCloseableProtocol)
-class PublicHttp(Protocol):
+class PublicHttp(Protocol, TimeoutMixin):
     """One public HTTP connection."""
 
     def __init__(self, server: TunnelServer, scheme: str) -> None:
@@ -89,25 +90,18 @@ class PublicHttp(Protocol):
         self.upgrade = False
         self.route: Route | None = None
         self.variables: dict[str, str] = {}
-        self._deadline: IDelayedCall | None = None
 
     # --- connection ---
 
     def connectionMade(self) -> None:
         self.peer = self.transport.getPeer()
-        self._arm(HEADER_TIMEOUT)
+        self.setTimeout(HEADER_TIMEOUT)
 
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._deadline = self.clock.callLater(seconds, self._deadline_passed)
+    def callLater(self, period: float, func: Any) -> Any:  # TimeoutMixin, on our clock
+        return self.clock.callLater(period, func)
 
-    def _disarm(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
-    def _deadline_passed(self) -> None:
-        self._deadline = None
+    def timeoutConnection(self) -> None:
+        """No complete request head in time (408), or an idle keep-alive connection (close)."""
         if self.mode != "http" or self.conn.their_state is not h11.IDLE:
             return
         if self.conn.trailing_data[0]:
@@ -136,7 +130,7 @@ class PublicHttp(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
-        self._disarm()
+        self.setTimeout(None)
         if self.splice is not None:
             self.splice.lost(A, reason)
         upstream, self.upstream = self.upstream, None
@@ -145,7 +139,7 @@ class PublicHttp(Protocol):
 
     def _close(self) -> None:
         self.mode = "closing"
-        self._disarm()
+        self.setTimeout(None)
         upstream, self.upstream = self.upstream, None
         if upstream is not None and upstream.done:
             upstream.close()
@@ -170,7 +164,7 @@ class PublicHttp(Protocol):
                 self.transport.pauseProducing()  # until the current response is sent
                 return
             if isinstance(event, h11.Request):
-                self._disarm()
+                self.setTimeout(None)
                 self._request(event)
             elif isinstance(event, h11.Data | h11.EndOfMessage):
                 if self.upstream is not None:
@@ -301,7 +295,7 @@ class PublicHttp(Protocol):
             return
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
-            self._arm(KEEPALIVE_TIMEOUT)
+            self.setTimeout(KEEPALIVE_TIMEOUT)
             self.transport.resumeProducing()
             self._events()
 
