@@ -1,4 +1,4 @@
-"""``wmproxy``: check a file, or talk to a running instance (reload, stop, status).
+"""``wmproxy``: check a file, talk to a running instance (reload, stop, status), make certificates.
 
 The instance is found at ``-u URL`` (default http://127.0.0.1:8837), or at
 the ``control`` address of ``-c FILE``; the token comes from ``-t``, then
@@ -60,6 +60,27 @@ def _target(args: argparse.Namespace) -> tuple[str, Optional[str]]:
     return url.rstrip("/"), token
 
 
+def _gen_cert(args: argparse.Namespace) -> int:
+    from .certgen import generate
+
+    if args.days < 1:
+        sys.stderr.write("wmproxy: --days must be at least 1\n")
+        return 1
+    try:
+        files = generate(args.out, args.name, args.client_name, args.days, args.force)
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"wmproxy: gen-cert: {e}\n")
+        return 1
+    sys.stdout.write(
+        f"wrote {files.ca_cert} (CA), {files.server_cert} + {files.server_key} (server), "
+        f"{files.client_cert} + {files.client_key} (client)\n"
+        f"tunnel server: tc = true, cert = \"{files.server_cert}\", key = \"{files.server_key}\""
+        f" (two_way_tls: ca = \"{files.ca_cert}\")\n"
+        f"tunnel client: ts = true, ca = \"{files.ca_cert}\""
+        f" (two_way_tls: cert = \"{files.client_cert}\", key = \"{files.client_key}\")\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wmproxy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the raw /status document")
+    p_gen = sub.add_parser("gen-cert", help="make a local CA and server/client certificates")
+    p_gen.add_argument("-o", "--out", default="certs", help="folder to write into (default: certs)")
+    p_gen.add_argument("-n", "--name", action="append", default=[],
+                       help="a host name or IP the server certificate covers (repeatable; "
+                            "localhost, 127.0.0.1 and ::1 are always included)")
+    p_gen.add_argument("--client-name", default="wmproxy-client", help="client certificate name")
+    p_gen.add_argument("--days", type=int, default=825, help="validity in days")
+    p_gen.add_argument("--force", action="store_true", help="replace existing files")
     args = parser.parse_args(argv)
+
+    if args.cmd == "gen-cert":
+        return _gen_cert(args)
 
     if args.cmd == "check":
         from .tap import run_check

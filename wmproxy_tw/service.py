@@ -26,6 +26,7 @@ from .control.api import IController, ReloadError
 from .feature import BuildContext, IFeature, ListenSpec
 from .forward import feature as forward_feature
 from . import stream as stream_feature
+from .tunnel import build as tunnel_feature
 from .listen import ListenerRegistry, StartupError, diff
 from .observe.stats import Stats
 
@@ -39,6 +40,7 @@ Builder = Callable[[BuildContext, Config], list[IFeature]]
 BUILDERS: list[Builder] = [
     forward_feature.build,
     stream_feature.build,
+    tunnel_feature.build,
 ]
 
 #: After shutdown_timeout, how long aborted connections get to report they are gone.
@@ -52,14 +54,6 @@ def _unsupported(config: Config) -> list[str]:
         out.append("http.server")
     if config.fleet is not None:
         out.append("fleet")
-    p = config.proxy
-    if p is not None:
-        if p.center_addr or p.mode == "server":
-            out.append("proxy.center_addr (tunnel server)")
-        if p.server:
-            out.append("proxy.server (tunnel client / chaining)")
-        if p.mappings:
-            out.append("proxy.mappings")
     return out
 
 
@@ -95,8 +89,10 @@ def build_features(ctx: BuildContext, config: Config, controller: Optional[ICont
 
 def plan(config: Config, control: bool = True) -> list[str]:
     """Check what can't start (before binding) and describe the listeners."""
-    _features, specs = build_features(BuildContext(reactor=None), config, control=control)
-    return [s.describe() for s in specs]
+    features, specs = build_features(BuildContext(reactor=None), config, control=control)
+    # features may say what they do beyond listening (e.g. a tunnel client dialling out)
+    notes = [line for f in features for line in getattr(f, "plan_notes", lambda: [])()]
+    return notes + [s.describe() for s in specs]
 
 
 def reread(current: Loaded, stats: Stats) -> Loaded:

@@ -571,6 +571,8 @@ class Proxy(Model):
     map_key: Optional[str] = None
     mappings: tuple[Mapping, ...] = ()
     tokens: tuple[str, ...] = ()
+    token: Optional[str] = None  # tunnel client: the token it presents (instead of username/password)
+    client_name: Optional[str] = Field(None, max_length=64)  # tunnel client: its name in the server's logs
     allow_ip: IPSetT = g.IPSet()
     deny_ip: IPSetT = g.IPSet()
     deny_targets: Optional[AddrList] = None
@@ -615,6 +617,8 @@ class Proxy(Model):
             raise ValueError("cert and key go together: set both or neither")
         if (self.map_cert is None) != (self.map_key is None):
             raise ValueError("map_cert and map_key go together: set both or neither")
+        if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
+            raise ValueError("heartbeat_interval must be positive and below heartbeat_timeout")
         return self
 
 

@@ -18,8 +18,8 @@ __all__ = ["ForwardFeature", "build"]
 def build(ctx: BuildContext, config: Config) -> list[IFeature]:
     """``[proxy] bind``: one forward proxy serving every bind address."""
     p = config.proxy
-    if p is None or not p.bind:
-        return []
+    if p is None or not p.bind or p.server is not None:
+        return []  # with `server`, bind is chained to the parent by the tunnel client
     for addr in p.bind:
         if p.username is None and not is_loopback_host(addr.host) and not p.allow_open_proxy:
             raise StartupError(

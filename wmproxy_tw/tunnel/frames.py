@@ -53,6 +53,7 @@ __all__ = [
     "WindowUpdate",
     "encode",
     "encode_all",
+    "encode_parts",
     "error_frame",
 ]
 
@@ -74,6 +75,7 @@ MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 256 * 1024
 MAX_HEARTBEAT_MS = 3_600_000
 MAX_DOMAINS = 32
+MAX_HEADER_RULES = 64
 MODES = ("http", "https", "tcp", "proxy")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -364,6 +366,7 @@ class Register(_ConnectionFrame):
     mode: str
     domains: tuple[str, ...] = ()
     remote_port: int | None = None
+    headers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_str(self.name, "mapping name", 64, pattern=_NAME_RE)
@@ -377,18 +380,31 @@ class Register(_ConnectionFrame):
             _check_str(domain, "domain", 253, pattern=_DOMAIN_RE)
         if self.remote_port is not None:
             _check_int(self.remote_port, "remote_port", 1, 65535)
+        if isinstance(self.headers, list):
+            object.__setattr__(self, "headers", tuple(self.headers))
+        if not isinstance(self.headers, tuple) or len(self.headers) > MAX_HEADER_RULES:
+            raise ValueError(f"headers must be a list of at most {MAX_HEADER_RULES} rules")
+        for rule in self.headers:
+            _check_str(rule, "header rule", MAX_MESSAGE_BYTES, min_chars=1)
 
     def _payload(self) -> bytes:
-        return _dump_json({"name": self.name, "mode": self.mode, "domains": list(self.domains),
-                           "remote_port": self.remote_port})
+        body: dict[str, Any] = {"name": self.name, "mode": self.mode,
+                                "domains": list(self.domains), "remote_port": self.remote_port}
+        if self.headers:
+            body["headers"] = list(self.headers)
+        return _dump_json(body)
 
     @classmethod
     def _decode(cls, stream_id: int, payload: bytes) -> Register:
-        body = _load_json(payload, frozenset({"name", "mode", "domains", "remote_port"}))
+        body = _load_json(payload, frozenset({"name", "mode", "domains", "remote_port"}),
+                          frozenset({"headers"}))
         if not isinstance(body["domains"], list):
             raise TypeError("domains must be a list")
+        headers = body.get("headers", [])
+        if not isinstance(headers, list):
+            raise TypeError("headers must be a list")
         return cls(name=body["name"], mode=body["mode"], domains=tuple(body["domains"]),
-                   remote_port=body["remote_port"])
+                   remote_port=body["remote_port"], headers=tuple(headers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,13 +660,19 @@ _LAYOUT: dict[int, tuple[Any, int, int]] = {
 }
 
 
-def encode(frame: Frame) -> bytes:
-    """Serialize one frame: 10-byte header followed by its payload."""
+def encode_parts(frame: Frame) -> tuple[bytes, bytes]:
+    """The 10-byte header and the payload of a frame (for ``writeSequence``: no join)."""
     payload = frame._payload()
     _cls, _low, high = _LAYOUT[frame.frame_type]
     if len(payload) > high:  # only reachable by a bug in the limits above
         raise ValueError(f"{frame.frame_type.name} payload of {len(payload)} bytes is too large")
-    return _HEADER.pack(frame.frame_type, 0, frame.stream_id, len(payload)) + payload
+    return _HEADER.pack(frame.frame_type, 0, frame.stream_id, len(payload)), payload
+
+
+def encode(frame: Frame) -> bytes:
+    """Serialize one frame: 10-byte header followed by its payload."""
+    header, payload = encode_parts(frame)
+    return header + payload
 
 
 def encode_all(frames: Iterable[Frame]) -> bytes:
@@ -695,32 +717,59 @@ class FrameDecoder:
         """Add received bytes; return every frame they complete, in order."""
         if self._failure is not None:
             raise self._failure
-        buffer = self._buffer
-        buffer += data
         frames: list[Frame] = []
-        offset = 0
         try:
-            while True:
-                if self._header is None:
-                    if len(buffer) - offset < HEADER_SIZE:
-                        break
-                    self._header = self._parse_header(buffer, offset)
+            offset = self._complete_pending(data, frames)
+            if offset is None:
+                return frames
+            # Parse straight from ``data``: each payload is copied once, and only an incomplete
+            # tail (at most one frame) is kept for the next call.
+            end = len(data)
+            with memoryview(data) as view:
+                while end - offset >= HEADER_SIZE:
+                    frame_type, stream_id, length = header = self._parse_header(view, offset)
                     offset += HEADER_SIZE
-                frame_type, stream_id, length = self._header
-                if len(buffer) - offset < length:
-                    break
-                payload = bytes(buffer[offset:offset + length])
-                offset += length
-                self._header = None
-                frames.append(self._build(frame_type, stream_id, payload))
+                    if end - offset < length:
+                        self._header = header
+                        break
+                    payload = bytes(view[offset:offset + length])
+                    offset += length
+                    frames.append(self._build(frame_type, stream_id, payload))
+                if offset < end:
+                    self._buffer += view[offset:]
         except TunnelProtocolError as exc:
             self._failure = exc
-            buffer.clear()
+            self._buffer.clear()
             raise
-        del buffer[:offset]
         return frames
 
-    def _parse_header(self, buffer: bytearray, offset: int) -> tuple[int, int, int]:
+    def _complete_pending(self, data: bytes, frames: list[Frame]) -> int | None:
+        """Finish the frame begun by earlier calls; bytes of ``data`` used, None if all of them."""
+        buffer = self._buffer
+        if not buffer and self._header is None:
+            return 0
+        used = 0
+        with memoryview(data) as view:
+            if self._header is None:
+                used = min(HEADER_SIZE - len(buffer), len(view))
+                buffer += view[:used]
+                if len(buffer) < HEADER_SIZE:
+                    return None
+                self._header = self._parse_header(buffer, 0)
+                buffer.clear()
+            frame_type, stream_id, length = self._header
+            take = min(length - len(buffer), len(view) - used)
+            buffer += view[used:used + take]
+            used += take
+        if len(buffer) < length:
+            return None
+        payload = bytes(buffer)
+        buffer.clear()
+        self._header = None
+        frames.append(self._build(frame_type, stream_id, payload))
+        return used
+
+    def _parse_header(self, buffer: bytearray | memoryview, offset: int) -> tuple[int, int, int]:
         frame_type, flags, stream_id, length = _HEADER.unpack_from(buffer, offset)
         layout = _LAYOUT.get(frame_type)
         if layout is None:

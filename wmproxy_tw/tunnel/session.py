@@ -294,6 +294,10 @@ class Multiplexer:
         """Ids of the streams not yet fully closed or reset."""
         return list(self._streams)
 
+    def has_stream(self, stream_id: int) -> bool:
+        """Whether the stream is still tracked (not fully closed, not reset)."""
+        return stream_id in self._streams
+
     def send_window(self, stream_id: int) -> int:
         """Bytes that may be sent on the stream right now (0 for a stream that is gone)."""
         stream = self._streams.get(stream_id)
@@ -333,14 +337,14 @@ class Multiplexer:
             raise TunnelStateError("no HELLO is waiting for an answer")
 
     def register(self, name: str, mode: str, domains: tuple[str, ...] = (),
-                 remote_port: int | None = None) -> list[Frame]:
+                 remote_port: int | None = None, headers: tuple[str, ...] = ()) -> list[Frame]:
         """Client: ask the server to publish a mapping."""
         self._require_open()
         if not self.is_client:
             raise TunnelStateError("only the client registers mappings")
         if name in self._pending_registrations or name in self._registered:
             raise TunnelStateError(f"mapping {name!r} is already registered or pending")
-        frame = Register(name, mode, tuple(domains), remote_port)
+        frame = Register(name, mode, tuple(domains), remote_port, tuple(headers))
         self._pending_registrations.add(name)
         return [frame]
 
@@ -399,9 +403,12 @@ class Multiplexer:
             return [], b""
         if stream.local_closed:
             raise TunnelStateError(f"stream {stream_id} was closed by this side")
+        step = self.max_data_frame
+        if type(data) is bytes and 0 < len(data) <= min(step, stream.send_window):
+            stream.send_window -= len(data)  # the common case: one frame, no copy
+            return [Data(stream_id, data)], b""
         view = memoryview(data).cast("B")
         count = min(len(view), stream.send_window)
-        step = self.max_data_frame
         frames: list[Frame] = [Data(stream_id, bytes(view[i:min(i + step, count)]))
                                for i in range(0, count, step)]
         stream.send_window -= count
