@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 from typing import Any, Optional
 
-import h11
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -23,6 +22,7 @@ from zope.interface import implementer
 from ..config.grammar import Address
 from ..config.model import Proxy
 from ..connect import TargetPolicy, UpstreamError, connect, quiet_factory
+from ..h11compat import h11
 from ..relay import A, B, Splice, SpliceProtocol
 from . import socks5
 from .httphead import HttpHeadError, RequestHead, hop_by_hop_clean, parse_basic_auth, parse_proxy_target
