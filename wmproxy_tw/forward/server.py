@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 from typing import Any, Optional
 
-import h11
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -24,6 +23,7 @@ from ..config.grammar import Address
 from ..config.model import Proxy
 from ..connect import TargetPolicy, UpstreamError, connect, quiet_factory
 from ..observe.stats import NULL_STATS, Stats
+from ..h11compat import h11
 from ..relay import A, B, Splice, SpliceProtocol
 from . import socks5
 from .httphead import HttpHeadError, RequestHead, hop_by_hop_clean, parse_basic_auth, parse_proxy_target
@@ -37,6 +37,7 @@ RESPONSE_TIMEOUT = 60.0  # upstream must start answering within this
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
 VIA = "1.1 wmproxy-tw"
+_VIA = VIA.encode()
 
 
 class BasicAuth:
@@ -415,15 +416,9 @@ class ForwardProtocol(Protocol):
             self._http_error(405, "plain HTTP proxying is not enabled on this proxy")
             return
         upgrade = (head.get("Upgrade") or "").lower() == "websocket"
-        clean = hop_by_hop_clean(headers, keep_upgrade=upgrade)
-        out = [(k, v) for k, v in clean if k.lower() != "transfer-encoding"]
-        if any(k.lower() == "transfer-encoding" for k, _ in headers):
-            out.append(("Transfer-Encoding", "chunked"))
-        if upgrade:
-            out += [("Connection", "Upgrade")]
-        out.append(("Via", VIA))
+        # h11 validated every field when it parsed them; the method and target are checked again
         req = h11.Request(method=ev.method, target=(target.path or "/").encode("latin-1"),
-                          headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in out])
+                          headers=_forwarded(headers, upgrade), _parsed=True)
         self.pending_upgrade = upgrade
         key = (target.host, target.port)
         up = self.upstream
@@ -476,24 +471,19 @@ class ForwardProtocol(Protocol):
         assert conn is not None
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in ev.headers]
         switching = ev.status_code == 101 and self.pending_upgrade
-        clean = hop_by_hop_clean(headers, keep_upgrade=switching)
-        out = [(k, v) for k, v in clean if k.lower() != "transfer-encoding"]
-        if any(k.lower() == "transfer-encoding" for k, _ in headers):
-            out.append(("Transfer-Encoding", "chunked"))
-        if switching:
-            out.append(("Connection", "Upgrade"))
-        out.append(("Via", VIA))
-        hdrs = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out]
+        hdrs = _forwarded(headers, switching)
         if isinstance(ev, h11.InformationalResponse):
             if ev.status_code == 101 and not switching:
                 return
-            self.transport.write(conn.send(h11.InformationalResponse(status_code=ev.status_code, headers=hdrs, reason=ev.reason)))
+            self.transport.write(conn.send(h11.InformationalResponse(status_code=ev.status_code, headers=hdrs,
+                                                                     reason=ev.reason, _parsed=True)))
             if switching:
                 self.f.count("http", 101)
                 self._switch_to_relay()
             return
         self.f.count("http", ev.status_code)
-        self.transport.write(conn.send(h11.Response(status_code=ev.status_code, headers=hdrs, reason=ev.reason)))
+        self.transport.write(conn.send(h11.Response(status_code=ev.status_code, headers=hdrs, reason=ev.reason,
+                                                    _parsed=True)))
 
     def upstream_data(self, data: bytes) -> None:
         assert self.http is not None
@@ -676,6 +666,22 @@ class HttpUpstream(Protocol):
             _unregister(self.transport, self.client.transport)
             self.transport.loseConnection()
         self.closed = True
+
+
+def _forwarded(headers: list[tuple[str, str]], upgrade: bool) -> list[tuple[bytes, bytes]]:
+    """The fields to pass on: hop-by-hop ones dropped, framing re-stated, Via added.
+
+    The input comes from h11's parser (every name and value already checked),
+    so the event built from the result may skip h11's validation (``_parsed``).
+    """
+    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in hop_by_hop_clean(headers, keep_upgrade=upgrade)
+           if k.lower() != "transfer-encoding"]
+    if any(k.lower() == "transfer-encoding" for k, _ in headers):
+        out.append((b"Transfer-Encoding", b"chunked"))
+    if upgrade:
+        out.append((b"Connection", b"Upgrade"))
+    out.append((b"Via", _VIA))
+    return out
 
 
 def _unregister(consumer: Any, producer: Any) -> None:
