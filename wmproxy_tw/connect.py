@@ -17,6 +17,7 @@ from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.protocols.policies import WrappingFactory
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -123,8 +124,9 @@ def connect(
         d: Deferred[Protocol] = Deferred()
         d.errback(UpstreamError(403, f"target {target} is not allowed"))
         return d
-    if _literal(host) is not None:
+    if _literal(host) is not None and not isinstance(factory, WrappingFactory):
         # The policy has seen the address itself: no name, no check after.
+        # (Wrapping factories such as TLS call connectionMade in their own order: endpoint path.)
         dial = _Dial(factory, target)
         reactor.connectTCP(host, port, dial, timeout=timeout)
         return dial.d
@@ -181,7 +183,11 @@ class _Dial(ClientFactory):
 
         def connection_made() -> None:
             made()
-            d.callback(proto)  # type: ignore[arg-type]
+            if not d.called:
+                d.callback(proto)  # type: ignore[arg-type]
+            elif proto.transport is not None:
+                # the caller gave up (cancelled / timed out) before we connected
+                proto.transport.abortConnection()  # type: ignore[attr-defined]
 
         proto.connectionMade = connection_made  # type: ignore[method-assign]
         return proto  # type: ignore[return-value]
