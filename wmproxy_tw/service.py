@@ -19,9 +19,9 @@ _log = Logger()
 
 def _unsupported(config: Config) -> list[str]:
     """Sections that parse but are not served yet: refused, never ignored."""
-    out = []
-    if config.http is not None and config.http.server:
-        out.append("http.server")
+    from .reverse import unsupported as http_unsupported
+
+    out = http_unsupported(config)
     if config.stream is not None and config.stream.server:
         out.append("stream.server")
     if config.fleet is not None:
@@ -54,6 +54,10 @@ def plan(config: Config) -> list[str]:
                 )
             lines.append(f"forward proxy ({' '.join(sorted(p.flag))}) on {addr}"
                          + (" with auth" if p.username else ""))
+    if config.http is not None and config.http.server:
+        from .reverse import plan_lines
+
+        lines += plan_lines(config)
     return lines
 
 
@@ -83,6 +87,13 @@ class ProxyService(service.MultiService):
             self.features.append(factory)
             for addr in p.bind:
                 self.registry.bind_tcp(addr, factory, "forward proxy", p.max_connections)
+        if self.config.http is not None and self.config.http.server:
+            from .reverse import build_reverse
+
+            reverse = build_reverse(self.reactor, self.config)
+            reverse.bind(self.registry)
+            reverse.setServiceParent(self)
+            self.features.append(reverse)
 
     def abandon(self) -> None:
         """Close what was bound after a start-up failure."""

@@ -100,7 +100,8 @@ class RequestHeadParser:
     the head and resets the parser for the next request on the connection.
 
     Line terminators: CRLF, or a bare LF (RFC 9112 §2.2 allows recognising
-    it); a bare CR anywhere is rejected.  Limits fail as soon as they are
+    it; ``allow_bare_lf=False`` rejects it with 400, as a reverse proxy in
+    front of other parsers should); a bare CR anywhere is rejected.  Limits fail as soon as they are
     exceeded, without waiting for the end of the line:
 
     * request-line longer than ``max_line`` → 414;
@@ -117,10 +118,12 @@ class RequestHeadParser:
         max_line: int = 8192,
         max_header_bytes: int = 16384,
         max_headers: int = 100,
+        allow_bare_lf: bool = True,
     ) -> None:
         self.max_line = max_line
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
+        self.allow_bare_lf = allow_bare_lf
         self._reset()
 
     def _reset(self) -> None:
@@ -158,6 +161,8 @@ class RequestHeadParser:
             start = self._off
             self._off = self._scan = nl + 1
             end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
+            if end == nl and not self.allow_bare_lf:
+                raise HttpHeadError(400, "bare LF in request head")
             line = bytes(buf[start:end])
             if b"\r" in line:
                 raise HttpHeadError(400, "bare CR in request head")
