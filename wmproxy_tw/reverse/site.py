@@ -73,7 +73,7 @@ class ReverseSite(server.Site):
     noisy = False
 
     def __init__(self, reactor: Any, vhosts: VirtualHosts[ServerCtx], limits: Limits, name: str) -> None:
-        super().__init__(resource.NoResource(), reactor=reactor)
+        super().__init__(resource.Resource(), reactor=reactor)
         self.clock = reactor
         self.vhosts = vhosts
         self.limits = limits

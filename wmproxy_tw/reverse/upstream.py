@@ -177,6 +177,9 @@ class UpstreamPool:
         """Give a connection back after an exchange (closed unless cleanly reusable)."""
         conn.user = None
         if not self._closed and conn.reusable:
+            # The last client may have paused it (back-pressure) right before the
+            # response ended: an idle connection always reads, to see it close.
+            conn.transport.resumeProducing()
             conns = self.idle.setdefault(conn.key, [])
             if len(conns) < self.max_idle:
                 conn.idle_since = self.reactor.seconds()
