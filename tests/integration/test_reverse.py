@@ -439,3 +439,40 @@ async def test_wmproxy_reverse_example_routes_as_it_means() -> None:
         assert out == "404"
     finally:
         await _stop(svc, ws)
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_size_per_location_and_max_connections() -> None:
+    """A location's client_max_body_size answers 413 before the upstream sees anything (declared or
+    chunked); a listener's max_connections closes connections over the cap."""
+    o = Origin("o")
+    svc = await start_proxy(_conf(f"""
+        [[http.server.location]]
+        rule = "/small"
+        client_max_body_size = "1k"
+        proxy_url = "http://{o.addr}"
+        [[http.server.location]]
+        proxy_url = "http://{o.addr}"
+    """, server="max_connections = 2"))
+    port = bound_port(svc)
+    try:
+        got = await raw(port, b"POST /small HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 413 ")
+        got = await raw(port, b"POST /small HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"400\r\n" + b"a" * 1024 + b"\r\n1\r\n")
+        assert got.startswith(b"HTTP/1.1 413 ") and o.res.seen == []
+        held = [RawHold(), RawHold()]
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        for h in held:
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), h)
+        got = await raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2.0)
+        assert got == b""
+        for h in held:
+            h.transport.loseConnection()
+    finally:
+        await _stop(svc, o)
+
+
+class RawHold(Protocol):
+    """A client connection that just stays open."""

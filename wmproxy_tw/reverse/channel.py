@@ -306,7 +306,8 @@ class HTTP11Channel(Protocol):
         req.requestHeaders = Headers(raw)
         req.content = BytesIO()
         req.prepare(head=head, norm_path=norm, query=query, host_value=host_value, host_name=host_name,
-                    scheme="https" if self._secure else "http", has_body=has_body, websocket=websocket)
+                    scheme="https" if self._secure else "http", has_body=has_body, websocket=websocket,
+                    body_length=length if kind == "length" else None)
         self._request = req
         self.requests_served += 1
         if has_body:
@@ -382,6 +383,12 @@ class HTTP11Channel(Protocol):
         if request is self._request and self._state is _BODY and self._body_wanted:
             self._resume_reading("body")
             self._drive()
+
+    def limit_body(self, request: Any, max_size: Optional[int]) -> None:
+        """Lower the body-size cap for this request (a location's client_max_body_size)."""
+        dec = self._decoder
+        if request is self._request and isinstance(dec, ChunkedDecoder) and max_size is not None:
+            dec.max_size = max_size if dec.max_size is None else min(dec.max_size, max_size)
 
     def body_complete(self, request: Any) -> bool:
         """True when the request's body (if any) has been read entirely."""
@@ -520,6 +527,8 @@ class HTTP11Channel(Protocol):
         if started:
             self._abort()
             return
+        if req is not None:
+            req.code = status  # what its access-log line will say
         _log.debug("reverse proxy: {client}: {status} {message}", client=self._peer.host,
                    status=status, message=message)
         body = f"{status} {reason(status)}: {message}\n".encode()

@@ -181,9 +181,8 @@ class Exchange:
             out.append(("Host", h.host_header))
         self.body_kind: Optional[str] = None
         if req.has_body:
-            length = req.head.get("Content-Length") if req.head.get("Transfer-Encoding") is None else None
-            if length is not None:
-                out.append(("Content-Length", length))
+            if req.body_length is not None:
+                out.append(("Content-Length", str(req.body_length)))
                 self.body_kind = "length"
             else:
                 out.append(("Transfer-Encoding", "chunked"))

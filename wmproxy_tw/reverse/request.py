@@ -55,6 +55,7 @@ class ReverseRequest(server.Request):
         self.host_name = ""
         self.scheme = "http"
         self.has_body = False
+        self.body_length: Optional[int] = None  # None: chunked (or no body)
         self.websocket = False
         peer = self.client
         self.client_ip: str = getattr(peer, "host", "") or ""
@@ -70,7 +71,7 @@ class ReverseRequest(server.Request):
 
     # -- filled by the channel (or from twisted's attributes in process()) ------
     def prepare(self, head: Optional[RequestHead], norm_path: str, query: str, host_value: str, host_name: str,
-                scheme: str, has_body: bool, websocket: bool) -> None:
+                scheme: str, has_body: bool, websocket: bool, body_length: Optional[int] = None) -> None:
         self.head = head
         self.norm_path = norm_path
         self.query = query
@@ -78,6 +79,7 @@ class ReverseRequest(server.Request):
         self.host_name = host_name
         self.scheme = scheme
         self.has_body = has_body
+        self.body_length = body_length
         self.websocket = websocket
 
     def process(self) -> None:
@@ -102,7 +104,7 @@ class ReverseRequest(server.Request):
             size = content.tell()
             content.seek(0, 0)
         self.prepare(head, norm, query, host, host.rsplit(":", 1)[0].strip("[]").lower() if host else "",
-                     "https" if self.isSecure() else "http", size > 0, False)
+                     "https" if self.isSecure() else "http", size > 0, False, size)
         self.site.dispatch(self)
 
     # -- the body seam -------------------------------------------------------------
@@ -122,6 +124,21 @@ class ReverseRequest(server.Request):
             channel.start_body(self, None, then)
         else:
             then()
+
+    def limit_body(self, max_size: Optional[int]) -> bool:
+        """Apply a location's ``client_max_body_size``: False (after answering
+        413) when the declared length is already over it."""
+        if not max_size or not self.has_body:
+            return True
+        if self.body_length is not None and self.body_length > max_size:
+            from .handlers import respond_error
+
+            respond_error(self, 413)
+            return False
+        channel = self.channel
+        if hasattr(channel, "limit_body"):
+            channel.limit_body(self, max_size)
+        return True
 
     def pause_body(self) -> None:
         if self._replay is not None:

@@ -10,6 +10,7 @@ of the servers on that port, chosen by SNI, the first one the default).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -58,7 +59,7 @@ def limits_of(srv: HttpServer) -> Limits:
     return Limits(
         max_header_size=srv.max_header_size or 16 * 1024,
         max_headers=srv.max_headers or 100,
-        max_body_size=srv.client_max_body_size,
+        max_body_size=srv.client_max_body_size or None,  # 0: no limit (as nginx)
         header_timeout=srv.client_header_timeout or 10.0,
         keepalive_timeout=srv.client_keepalive_timeout or 75.0,
         read_timeout=srv.client_read_timeout or 60.0,
@@ -98,6 +99,8 @@ class ReverseSite(server.Site):
         if request.websocket and not loc.is_ws:
             respond_error(request, 403, "WebSocket upgrade refused: this location does not allow WebSocket "
                                         "(is_ws is not set)")
+            return
+        if request.has_body and not request.limit_body(loc.config.client_max_body_size):
             return
         self._run(request, loc, 0)
 
@@ -193,7 +196,11 @@ class ReverseProxy(MultiService):
             vhosts = VirtualHosts([((s.config.up_name or "").split(), s) for s in servers])
             default = servers[0].config
             name = f"reverse proxy ({'https' if tls else 'http'})"
-            site = ReverseSite(self.reactor, vhosts, limits_of(default), name)
+            sizes = [loc.config.client_max_body_size for srv in servers for loc in srv.locations]
+            # The channel enforces the largest; each location its own, once routed.
+            biggest = None if (not sizes or not all(sizes)) else max(s for s in sizes if s)
+            limits = dataclasses.replace(limits_of(default), max_body_size=biggest)
+            site = ReverseSite(self.reactor, vhosts, limits, name)
             factory: Any = site
             if tls:
                 pairs: list[tuple[str, str]] = []
