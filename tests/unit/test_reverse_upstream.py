@@ -32,6 +32,9 @@ class User:
     def upstream_lost(self, reason: Any) -> None:
         self.events.append(("lost", None))
 
+    def upstream_flush(self) -> None:
+        pass
+
 
 def connected(pool: UpstreamPool, key: Any = "k") -> tuple[UpstreamConnection, StringTransport]:
     conn = UpstreamConnection(pool, key)

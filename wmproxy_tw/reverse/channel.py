@@ -80,6 +80,10 @@ class IBodyReader:
 class HTTP11Channel(Protocol):
     """One client connection; builds a request object per request head."""
 
+    transport: Any
+    _peer: Any
+    _host: Any
+
     def __init__(self, site: Any, limits: Limits) -> None:
         self.site = site
         self.factory = site  # Request.finish() logs through channel.factory.log
@@ -104,10 +108,12 @@ class HTTP11Channel(Protocol):
         self._write_paused = False
         self._timer: Any = None
         self._timer_kind = ""
+        self._deadline: Optional[float] = None
         self._last_read = 0.0
         self._stall: Any = None
         self._abort_call: Any = None
         self._head_started = False
+        self._last_host: tuple[Optional[str], Optional[str]] = (None, None)
         self._closing = False
         self._splice: Any = None
         self.requests_served = 0
@@ -139,19 +145,35 @@ class HTTP11Channel(Protocol):
 
     # -- timers ------------------------------------------------------------------
     def _set_timer(self, seconds: Optional[float], kind: str) -> None:
-        t = self._timer
-        if t is not None and t.active():
-            t.cancel()
-        self._timer = None
+        """One deadline at a time; the DelayedCall is kept and moved lazily
+        (most deadlines are cleared long before they expire)."""
         self._timer_kind = kind
-        if seconds:
+        if not seconds:
+            self._deadline = None
+            return
+        self._deadline = deadline = self.clock.seconds() + seconds
+        t = self._timer
+        if t is None:
             self._timer = self.clock.callLater(seconds, self._timer_fired)
+        elif t.getTime() > deadline:
+            t.reset(seconds)
 
     def _timer_fired(self) -> None:
         self._timer = None
-        kind = self._timer_kind
-        if self._closing:
+        deadline = self._deadline
+        if self._closing or deadline is None:
             return
+        kind = self._timer_kind
+        if kind == "body":
+            if not self._body_wanted or "body" in self._read_pauses:
+                deadline = self._deadline = self.clock.seconds() + self.limits.read_timeout  # paused by us
+            else:
+                deadline = self._last_read + self.limits.read_timeout
+        left = deadline - self.clock.seconds()
+        if left > 0.001:
+            self._timer = self.clock.callLater(left, self._timer_fired)
+            return
+        self._deadline = None
         if kind == "head":
             if self._head_started or self.requests_served == 0:
                 self._fail(408, "request head not received in time")
@@ -160,16 +182,15 @@ class HTTP11Channel(Protocol):
         elif kind == "keepalive":
             self._close()
         elif kind == "body":
-            if not self._body_wanted or "body" in self._read_pauses:
-                self._set_timer(self.limits.read_timeout, "body")  # paused by us: not the client's fault
-                return
-            left = self._last_read + self.limits.read_timeout - self.clock.seconds()
-            if left > 0.001:
-                self._set_timer(left, "body")
-                return
             _log.info("reverse proxy: {client}: request body stalled for {t}s", client=self._peer.host,
                       t=self.limits.read_timeout)
             self._fail(408, "request body not received in time")
+
+    def _stop_timer(self) -> None:
+        self._deadline = None
+        t, self._timer = self._timer, None
+        if t is not None and t.active():
+            t.cancel()
 
     # -- reading -----------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
@@ -232,13 +253,32 @@ class HTTP11Channel(Protocol):
     def _on_head(self, head: RequestHead) -> None:
         self._head_started = False
         self._set_timer(None, "")
-        try:
-            kind, length = body_framing(head)
-        except HttpHeadError as e:
-            self._fail(e.status, e.message)
-            return
+        hosts: list[str] = []
+        connection: list[str] = []
+        upgrade: list[str] = []
+        expect: Optional[str] = None
+        framing = False
+        for name, value in head.headers:  # one pass for the fields that steer the channel
+            n = name.lower()
+            if n == "host":
+                hosts.append(value)
+            elif n == "connection":
+                connection.append(value)
+            elif n == "content-length" or n == "transfer-encoding":
+                framing = True
+            elif n == "upgrade":
+                upgrade.append(value)
+            elif n == "expect" and expect is None:
+                expect = value
+        kind: str = "none"
+        length: Optional[int] = 0
+        if framing:
+            try:
+                kind, length = body_framing(head)  # CL+TE, differing CL, obfuscated TE → 400
+            except HttpHeadError as e:
+                self._fail(e.status, e.message)
+                return
         version = head.version
-        hosts = head.get_all("Host")
         if len(hosts) > 1:
             self._fail(400, "more than one Host field")
             return
@@ -270,17 +310,20 @@ class HTTP11Channel(Protocol):
         except ValueError as e:
             self._fail(400, f"bad path: {e}")
             return
-        host_name = _host_name(host_value)
-        if host_name is None:
-            self._fail(400, "malformed Host")
-            return
-        tokens = _tokens(head.get_all("Connection"))
+        if host_value == self._last_host[0]:
+            host_name = self._last_host[1]
+        else:
+            host_name = _host_name(host_value)
+            if host_name is None:
+                self._fail(400, "malformed Host")
+                return
+            self._last_host = (host_value, host_name)
+        tokens = _tokens(connection) if connection else set()
         if version == "HTTP/1.1":
             self._persistent = "close" not in tokens
         else:
             self._persistent = False
         has_body = (kind == "length" and bool(length)) or kind == "chunked"
-        expect = head.get("Expect")
         self._expect_continue = False
         if expect is not None:
             if expect.lower() != "100-continue":
@@ -291,19 +334,14 @@ class HTTP11Channel(Protocol):
         if kind == "length" and max_body is not None and length is not None and length > max_body:
             self._fail(413, "request body too large")
             return
-        websocket = (head.method == "GET" and "upgrade" in tokens
-                     and "websocket" in _tokens(head.get_all("Upgrade")))
+        websocket = bool(upgrade) and head.method == "GET" and "upgrade" in tokens and "websocket" in _tokens(upgrade)
 
         req = self.requestFactory(self)
         req.method = head.method.encode("ascii")
         req.uri = target.encode("latin-1")
         req.path = path.encode("latin-1")
         req.clientproto = version.encode("ascii")
-        req.args = parse_qs(query.encode("latin-1"), 1) if query else {}
-        raw: dict[bytes, list[bytes]] = {}
-        for name, value in head.headers:
-            raw.setdefault(name.encode("ascii"), []).append(value.encode("latin-1"))
-        req.requestHeaders = Headers(raw)
+        req.args = parse_qs(query.encode("latin-1"), True) if query else {}
         req.content = BytesIO()
         req.prepare(head=head, norm_path=norm, query=query, host_value=host_value, host_name=host_name,
                     scheme="https" if self._secure else "http", has_body=has_body, websocket=websocket,
@@ -423,13 +461,29 @@ class HTTP11Channel(Protocol):
             self._reader = None
             self._close()
             return
-        self._state = _HEAD
-        self._parser = self._new_parser()
+        self._state = _HEAD  # the head parser has reset itself (take_leftover)
         self._set_timer(self.limits.keepalive_timeout, "keepalive")
         self._resume_reading("pipeline")
         self._drive()
 
     # -- writing (the channel API of twisted.web requests) ---------------------------
+    def head_bytes(self, version: bytes, code: int, reason_: bytes, headers: list[tuple[bytes, bytes]],
+                   chunked: bool) -> bytes:
+        """A response head from raw fields (see ReverseRequest._write_head), with our
+        framing and connection fields; the request writes it with its first body bytes."""
+        parts = [version, b" %d " % code, reason_, b"\r\n"]
+        connection = False
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+            if not connection and len(name) == 10 and name.lower() == b"connection":
+                connection = True
+        if chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if not self._persistent and version == b"HTTP/1.1" and not connection:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
     def writeHeaders(self, version: bytes, code: bytes, reason_: bytes, headers: Headers) -> None:
         if self._closing:
             return
@@ -541,7 +595,7 @@ class HTTP11Channel(Protocol):
         if self._closing:
             return
         self._closing = True
-        self._set_timer(None, "")
+        self._stop_timer()
         self._pending = []
         try:
             self.transport.unregisterProducer()
@@ -573,7 +627,7 @@ class HTTP11Channel(Protocol):
     def connectionLost(self, reason_: Failure = None) -> None:  # type: ignore[assignment]
         self._closing = True
         self._state = _CLOSED
-        self._set_timer(None, "")
+        self._stop_timer()
         for call in (self._stall, self._abort_call):
             if call is not None and call.active():
                 call.cancel()

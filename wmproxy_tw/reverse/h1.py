@@ -263,8 +263,28 @@ class ResponseHead:
 
 
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
-_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _head_problem(raw: bytes) -> str:
+    """Why a response head failed the one-pass check (for the log)."""
+    lines = raw.split(b"\n")
+    first = lines[0].rstrip(b"\r")
+    if _STATUS.fullmatch(first) is None:
+        return f"bad status line {first[:80]!r}"
+    for line in lines[1:]:
+        line = line[:-1] if line.endswith(b"\r") else line
+        if line[:1] in (b" ", b"\t"):
+            return "obsolete line folding in the response head"
+        if line and re.fullmatch(_TOKEN + rb":" + _TEXT + rb"*", line) is None:
+            return f"bad header line {line[:80]!r}"
+    return "control character in the response head"
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]"  # visible text, SP, HTAB and obs-text: no CR/LF/NUL/CTL
+#: A whole response head, checked in one pass: status line, then token-named fields.
+_HEAD = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (" + _TEXT + rb"*))?\r?\n()(?:"
+                   + _TOKEN + rb":" + _TEXT + rb"*\r?\n)*\r?\n")
+#: Name and value (without surrounding blanks) of each field of a checked head.
+_FIELDS = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:" + _TEXT + rb"*[^\x00-\x20\x7f])?)[ \t]*\r?\n")
 
 _R_HEAD, _R_BODY, _R_DONE, _R_SWITCHED = range(4)
 
@@ -301,7 +321,7 @@ class ResponseParser:
 
     @property
     def reusable(self) -> bool:
-        return self._state == _R_DONE and self.keep_alive and not self._buf and not self.trailing
+        return self._state == _R_DONE and self.keep_alive and not self.trailing
 
     def expect(self, method: bytes) -> None:
         self._state = _R_HEAD
@@ -313,25 +333,34 @@ class ResponseParser:
     def feed(self, data: bytes) -> list[tuple[int, Any]]:
         events: list[tuple[int, Any]] = []
         state = self._state
-        if state == _R_BODY and not self._buf:
+        if state == _R_BODY:
             self._body_bytes(data, events)
             return events
-        if state in (_R_DONE, _R_SWITCHED):
+        if state != _R_HEAD:
             self.trailing += data
             return events
-        self._buf += data
+        if self._buf:  # the rest of a head that came in pieces
+            data = bytes(self._buf) + data
+            self._buf = bytearray()
+        pos = 0
         while self._state == _R_HEAD:
-            head = self._take_head()
-            if head is None:
+            end = self._head_end(data, pos)
+            if end < 0:
+                if len(data) - pos > self.max_head:
+                    raise ResponseError(f"response head larger than {self.max_head} bytes")
+                self._buf = bytearray(data[pos:])
+                self._scan = len(self._buf)
                 return events
-            self._on_head(head, events)
-        if self._state == _R_BODY and self._buf:
-            rest = bytes(self._buf)
-            self._buf = bytearray()
-            self._body_bytes(rest, events)
-        elif self._state in (_R_DONE, _R_SWITCHED) and self._buf:
-            self.trailing += bytes(self._buf)
-            self._buf = bytearray()
+            if end - pos > self.max_head:
+                raise ResponseError(f"response head larger than {self.max_head} bytes")
+            self._on_head(data[pos:end], events)
+            pos = end
+        if pos < len(data):
+            rest = data[pos:]
+            if self._state == _R_BODY:
+                self._body_bytes(rest, events)
+            else:
+                self.trailing += rest
         return events
 
     def eof(self) -> list[tuple[int, Any]]:
@@ -344,52 +373,39 @@ class ResponseParser:
             return []
         raise ResponseError("the upstream closed the connection before the response ended")
 
-    def _take_head(self) -> Optional[bytes]:
-        buf = self._buf
-        start = max(0, self._scan - 3)
-        a = buf.find(b"\n\r\n", start)
-        b = buf.find(b"\n\n", start)
-        ends = [(i + 3) for i in (a,) if i >= 0] + [(i + 2) for i in (b,) if i >= 0]
-        if not ends:
-            if len(buf) > self.max_head:
-                raise ResponseError(f"response head larger than {self.max_head} bytes")
-            self._scan = len(buf)
-            return None
-        end = min(ends)
-        if end > self.max_head:
-            raise ResponseError(f"response head larger than {self.max_head} bytes")
-        head = bytes(buf[:end])
-        del buf[:end]
+    def _head_end(self, data: bytes, pos: int) -> int:
+        """Offset just after the empty line ending a head that starts at ``pos``, or -1."""
+        start = max(pos, self._scan - 3)
         self._scan = 0
-        return head
+        crlf = data.find(b"\n\r\n", start)
+        lf = data.find(b"\n\n", start, len(data) if crlf < 0 else crlf + 2)
+        if lf >= 0:
+            return lf + 2
+        return crlf + 3 if crlf >= 0 else -1
 
     def _on_head(self, raw: bytes, events: list[tuple[int, Any]]) -> None:
-        lines = raw.split(b"\n")
-        first = lines[0].rstrip(b"\r")
-        m = _STATUS.fullmatch(first)
+        m = _HEAD.fullmatch(raw)
         if m is None:
-            raise ResponseError(f"bad status line {first[:80]!r}")
+            raise ResponseError(_head_problem(raw))
         status = int(m.group(2))
-        headers: list[tuple[bytes, bytes]] = []
-        for line in lines[1:]:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                continue
-            if line[:1] in (b" ", b"\t"):
-                raise ResponseError("obsolete line folding in the response head")
-            name, sep, value = line.partition(b":")
-            if not sep or _NAME.fullmatch(name) is None:
-                raise ResponseError(f"bad header line {line[:80]!r}")
-            value = value.strip(b" \t")
-            if _BAD_VALUE.search(value) is not None:
-                raise ResponseError("control character in a response header")
-            headers.append((name, value))
+        headers: list[tuple[bytes, bytes]] = _FIELDS.findall(raw, m.end(3))
+        te: list[bytes] = []
+        cl: list[bytes] = []
+        conn: list[bytes] = []
+        for name, value in headers:
+            if len(name) in (10, 14, 17):
+                lname = name.lower()
+                if lname == b"content-length":
+                    cl.append(value)
+                elif lname == b"transfer-encoding":
+                    te.append(value)
+                elif lname == b"connection":
+                    conn.append(value.lower())
         if len(headers) > self.max_headers:
             raise ResponseError(f"more than {self.max_headers} response header fields")
         version = b"HTTP/1." + m.group(1)
-        conn = {t.strip(b" \t").lower() for k, v in headers if k.lower() == b"connection" for t in v.split(b",")}
-        keep = (b"close" not in conn) if version == b"HTTP/1.1" else (b"keep-alive" in conn)
+        tokens = {t.strip(b" \t") for v in conn for t in v.split(b",")} if conn else ()
+        keep = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
         head = ResponseHead(status, m.group(3) or b"", version, headers, keep)
         if status < 200:
             if status == 101:
@@ -400,8 +416,6 @@ class ResponseParser:
         self.keep_alive = keep
         events.append((RESPONSE, head))
         self._until_close = False
-        te = [v for k, v in headers if k.lower() == b"transfer-encoding"]
-        cl = [v for k, v in headers if k.lower() == b"content-length"]
         if self._method == b"HEAD" or status in (204, 304):
             self._finish(events)
             return

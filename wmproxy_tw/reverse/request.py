@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from twisted.web import server
-from twisted.web.http import datetimeToString
+from twisted.web.http import NO_BODY_CODES, datetimeToString
 from twisted.web.http_headers import Headers
 
 from ..forward.httphead import RequestHead
@@ -41,37 +41,59 @@ class ReverseRequest(server.Request):
     """One request through the reverse proxy's pipeline."""
 
     defaultContentType = None  # never invent a Content-Type for a proxied response
+    # Per-request state, defaults at class level (set per instance only when it changes).
+    end: Optional[float] = None
+    head: Optional[RequestHead] = None
+    norm_path = "/"
+    query = ""
+    host_value = ""
+    host_name = ""
+    scheme = "http"
+    has_body = False
+    body_length: Optional[int] = None  # None: chunked (or no body)
+    websocket = False
+    ctx: Any = None  # the matched location (LocationCtx)
+    response_rules: tuple[Any, ...] = ()
+    up_status: Optional[int] = None
+    up_addr: Optional[str] = None
+    up_time: Optional[float] = None
+    #: Called (no arguments) if the client goes away before the response ends.
+    on_gone: Optional[Callable[[], None]] = None
+    _vars: Optional[RequestVars] = None
+    _logged = False
+    _replay: Optional["_ContentReplay"] = None
+    _raw_headers: Optional[list[tuple[bytes, bytes]]] = None
+    _request_headers: Optional[Headers] = None
 
     def __init__(self, channel: Any, queued: Any = None) -> None:
         super().__init__(channel, parsePOSTFormSubmission=False)
         self.site = channel.site
         self.clock = channel.site.clock
         self.start = self.clock.seconds()
-        self.end: Optional[float] = None
-        self.head: Optional[RequestHead] = None
-        self.norm_path = "/"
-        self.query = ""
-        self.host_value = ""
-        self.host_name = ""
-        self.scheme = "http"
-        self.has_body = False
-        self.body_length: Optional[int] = None  # None: chunked (or no body)
-        self.websocket = False
         peer = self.client
         self.client_ip: str = getattr(peer, "host", "") or ""
         self.client_port: int = getattr(peer, "port", 0) or 0
-        self.ctx: Any = None  # the matched location (LocationCtx)
-        self.response_rules: tuple[Any, ...] = ()
-        self.up_status: Optional[int] = None
-        self.up_addr: Optional[str] = None
-        self.up_time: Optional[float] = None
-        self._vars: Optional[RequestVars] = None
-        self._logged = False
-        self._replay: Optional[_ContentReplay] = None
+
+    # twisted.web's requestHeaders, built from the parsed head only if someone asks.
+    @property
+    def requestHeaders(self) -> Headers:  # type: ignore[override]
+        h = self._request_headers
+        if h is None:
+            h = Headers()
+            for k, v in self.head.headers if self.head is not None else ():
+                h.addRawHeader(k.encode("latin-1"), v.encode("latin-1"))
+            self._request_headers = h
+        return h
+
+    @requestHeaders.setter
+    def requestHeaders(self, value: Headers) -> None:
+        self._request_headers = value
 
     # -- filled by the channel (or from twisted's attributes in process()) ------
     def prepare(self, head: Optional[RequestHead], norm_path: str, query: str, host_value: str, host_name: str,
                 scheme: str, has_body: bool, websocket: bool, body_length: Optional[int] = None) -> None:
+        if head is not None and self.head is None:
+            self._request_headers = None  # built lazily from the head
         self.head = head
         self.norm_path = norm_path
         self.query = query
@@ -105,7 +127,8 @@ class ReverseRequest(server.Request):
             content.seek(0, 0)
         self.prepare(head, norm, query, host, host.rsplit(":", 1)[0].strip("[]").lower() if host else "",
                      "https" if self.isSecure() else "http", size > 0, False, size)
-        self.site.dispatch(self)
+        site: Any = self.site
+        site.dispatch(self)
 
     # -- the body seam -------------------------------------------------------------
     def stream_body(self, reader: Any) -> None:
@@ -183,19 +206,92 @@ class ReverseRequest(server.Request):
                          self.scheme, self.websocket)
 
     # -- response ------------------------------------------------------------------
+    def set_raw_response(self, status: int, reason_: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """The response head as a list of raw fields (a proxied response): written
+        as given, plus Date if absent, response rules, and our framing."""
+        self.code = status
+        self.code_message = reason_
+        self._raw_headers = headers
+
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
-            if self.response_rules:
-                pairs = [(k.decode("latin-1"), v.decode("latin-1"))
-                         for k, vs in self.responseHeaders.getAllRawHeaders() for v in vs]
-                apply_header_rules(pairs, self.response_rules, self.vars)
-                h = Headers()
-                for k, val in pairs:
-                    h.addRawHeader(k.encode("latin-1"), val.encode("latin-1"))
-                self.responseHeaders = h
-            if not self.responseHeaders.hasHeader(b"date"):
-                self.responseHeaders.setRawHeaders(b"Date", [datetimeToString(self.clock.seconds())])
-        super().write(data)
+            if self.finished:
+                raise RuntimeError("Request.write called on a request after Request.finish was called.")
+            if self._disconnected:
+                return
+            head = self._write_head()
+            if self.method == b"HEAD" or self.code in NO_BODY_CODES:
+                self.write = _discard  # type: ignore[method-assign]
+                data = b""
+            if head is not None:  # our channel: head and first bytes in one write
+                if self._encoder and data:
+                    data = self._encoder.encode(data)
+                self.sentLength += len(data)
+                if data and self.chunked:
+                    head += b"%x\r\n" % len(data) + data + b"\r\n"
+                elif data:
+                    head += data
+                self.channel.write(head)
+                return
+            if self.method == b"HEAD" or self.code in NO_BODY_CODES:
+                return
+        elif self.finished:
+            raise RuntimeError("Request.write called on a request after Request.finish was called.")
+        if self._disconnected:
+            return
+        if self._encoder:
+            data = self._encoder.encode(data)
+        if data:
+            self.sentLength += len(data)
+            if self.chunked:
+                self.channel.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                self.channel.write(data)
+
+    def _write_head(self) -> Optional[bytes]:
+        """What twisted.web's Request.write does on its first call, from raw fields.
+        Returns the head to write (our channel), or None once written (other channels)."""
+        self.startedWriting = 1
+        raw = self._raw_headers
+        if raw is None:
+            raw = [(k, v) for k, vs in self.responseHeaders.getAllRawHeaders() for v in vs]
+            names = {k.lower() for k, _ in raw}
+            if (self.defaultContentType is not None and self.code not in NO_BODY_CODES
+                    and b"content-type" not in names
+                    and self.responseHeaders.getRawHeaders(b"content-length") != [b"0"]):
+                raw.append((b"Content-Type", self.defaultContentType))
+            if self.lastModified is not None and b"last-modified" not in names:
+                raw.append((b"Last-Modified", datetimeToString(self.lastModified)))
+            if self.etag is not None:
+                raw = [(k, v) for k, v in raw if k.lower() != b"etag"] + [(b"ETag", self.etag)]
+            if self.cookies:
+                raw = [(k, v) for k, v in raw if k.lower() != b"set-cookie"]
+                raw += [(b"Set-Cookie", c) for c in self.cookies]
+        if self.response_rules:
+            pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+            apply_header_rules(pairs, self.response_rules, self.vars)
+            raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs]
+        has_length = has_date = False
+        for k, _v in raw:
+            lk = k.lower()
+            if lk == b"content-length":
+                has_length = True
+            elif lk == b"date":
+                has_date = True
+        if not has_date:
+            raw.append((b"Date", datetimeToString(self.clock.seconds())))
+        version = self.clientproto
+        self.chunked = int(version == b"HTTP/1.1" and not has_length and self.method != b"HEAD"
+                           and self.code not in NO_BODY_CODES)
+        channel = self.channel
+        head_bytes = getattr(channel, "head_bytes", None)
+        if head_bytes is not None:
+            return bytes(head_bytes(version, self.code, self.code_message, raw, bool(self.chunked)))
+        headers = Headers()  # another channel (HTTP/2): its own framing
+        for k, v in raw:
+            headers.addRawHeader(k, v)
+        channel.writeHeaders(version, b"%d" % self.code, self.code_message, headers)
+        return None
 
     def finish(self) -> None:
         self.end = self.clock.seconds()
@@ -205,6 +301,9 @@ class ReverseRequest(server.Request):
         if self.end is None:
             self.end = self.clock.seconds()
         self.log_once(aborted=True)
+        gone, self.on_gone = self.on_gone, None
+        if gone is not None:
+            gone()
         super().connectionLost(reason)
 
     # -- access log ------------------------------------------------------------------
@@ -225,10 +324,10 @@ class ReverseRequest(server.Request):
         return self.vars(name, arg)
 
 
-def _header(name: bytes) -> Callable[[ReverseRequest], str]:
+def _header(name: str) -> Callable[[ReverseRequest], str]:
     def get(r: ReverseRequest) -> str:
-        v = r.requestHeaders.getRawHeaders(name)
-        return v[0].decode("latin-1") if v else "-"
+        v = r.head.get(name) if r.head is not None else None
+        return "-" if v is None else v
     return get
 
 
@@ -256,12 +355,16 @@ _LOG_VARS: dict[str, Callable[[ReverseRequest], str]] = {
     "body_bytes_sent": lambda r: str(r.sentLength),
     "request_time": lambda r: _seconds((r.end if r.end is not None else r.clock.seconds()) - r.start),
     "up_response_time": lambda r: _seconds(r.up_time),
-    "referer": _header(b"referer"),
-    "user_agent": _header(b"user-agent"),
-    "cookie": _header(b"cookie"),
+    "referer": _header("referer"),
+    "user_agent": _header("user-agent"),
+    "cookie": _header("cookie"),
     "ssl_protocol": _ssl_protocol,
     "protocol": lambda r: r.clientproto.decode("latin-1"),
 }
+
+def _discard(data: bytes) -> None:
+    """The body of a HEAD, 204 or 304 response goes nowhere."""
+
 
 class _ContentReplay:
     """Feeds an already-buffered body (twisted.web ``content``) to a reader,

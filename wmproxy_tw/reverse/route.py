@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Callable, Generic, Mapping, Optional, Sequence, TypeVar, Union
 
 from ..config.grammar import IPSet
 from ..config.model import RuleTable
@@ -124,7 +124,7 @@ def compile_rule(rule: Union[str, RuleTable], match_names: Mapping[str, Union[st
 T = TypeVar("T")
 
 
-class VirtualHosts:
+class VirtualHosts(Generic[T]):
     """The servers of one listening address, chosen by host name.
 
     ``entries`` is ``[(names, server), ...]`` in configuration order; names

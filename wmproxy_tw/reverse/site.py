@@ -70,7 +70,7 @@ def limits_of(srv: HttpServer) -> Limits:
 class ReverseSite(server.Site):
     """The twisted.web site of one listening address: picks a server, runs the pipeline."""
 
-    requestFactory = ReverseRequest
+    requestFactory = ReverseRequest  # type: ignore[assignment]
     noisy = False
 
     def __init__(self, reactor: Any, vhosts: VirtualHosts[ServerCtx], limits: Limits, name: str) -> None:
@@ -80,7 +80,7 @@ class ReverseSite(server.Site):
         self.limits = limits
         self.name = name
 
-    def buildProtocol(self, addr: Any) -> HTTP11Channel:
+    def buildProtocol(self, addr: Any) -> HTTP11Channel:  # type: ignore[override]
         return HTTP11Channel(self, self.limits)
 
     def log(self, request: Any) -> None:

@@ -7,7 +7,10 @@ events to its current *user* (the proxy exchange): ``upstream_response``,
 ``upstream_informational``, ``upstream_data``, ``upstream_end``,
 ``upstream_error(status, reason)`` and ``upstream_lost(reason)``.  Between
 requests it waits in the :class:`UpstreamPool` (LIFO, ``max_idle`` per key,
-closed after ``idle_timeout``).  Connections are opened by
+closed after ``idle_timeout``).  While a user waits for bytes it can
+:meth:`~UpstreamConnection.watch` the connection: ``upstream_timeout()`` is
+called after that long without a byte (not counting time paused by the
+client's back-pressure).  Connections are opened by
 :func:`wmproxy_tw.connect.connect` (async DNS, 502/504 classification),
 wrapped in TLS when a client creator is given.
 """
@@ -18,7 +21,7 @@ from typing import Any, Hashable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
@@ -34,6 +37,8 @@ MAX_RESPONSE_HEAD = 64 * 1024
 class UpstreamConnection(Protocol):
     """One HTTP/1.1 connection to an upstream member."""
 
+    transport: Any
+
     def __init__(self, pool: "UpstreamPool", key: Hashable) -> None:
         self.pool = pool
         self.key = key
@@ -45,6 +50,11 @@ class UpstreamConnection(Protocol):
         self.served = 0
         self.request_done = True
         self._chunked = False
+        self.clock = pool.reactor
+        self._watch: Optional[float] = None
+        self._last_read = 0.0
+        self._timer: Any = None
+        self.paused = False
 
     def connectionMade(self) -> None:
         t = self.transport
@@ -76,10 +86,46 @@ class UpstreamConnection(Protocol):
         return not self.closed and self.splice is None and self.request_done and self.parser.reusable
 
     # -- reading -------------------------------------------------------------------
+    def watch(self, seconds: Optional[float]) -> None:
+        """Call ``user.upstream_timeout()`` after ``seconds`` without a byte (None: stop)."""
+        self._watch = seconds or None
+        if self._watch is None:
+            return
+        self._last_read = self.clock.seconds()
+        if self._timer is None:
+            self._timer = self.clock.callLater(seconds, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        limit = self._watch
+        if limit is None or self.closed or self.user is None:
+            return
+        now = self.clock.seconds()
+        if self.paused:
+            self._last_read = now
+        left = self._last_read + limit - now
+        if left > 0.001:
+            self._timer = self.clock.callLater(left, self._check)
+            return
+        self._watch = None
+        self.user.upstream_timeout()
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        self._last_read = self.clock.seconds()
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
     def dataReceived(self, data: bytes) -> None:
         if self.splice is not None:
             self.splice.received(1, data)
             return
+        self._last_read = self.clock.seconds()
         if self.user is None:
             # An idle connection must stay silent: whatever this is, it cannot be reused.
             self.abort()
@@ -92,6 +138,7 @@ class UpstreamConnection(Protocol):
         self._deliver(events)
 
     def _deliver(self, events: list[tuple[int, Any]]) -> None:
+        user = self.user
         for kind, value in events:
             user = self.user
             if user is None or self.splice is not None:
@@ -104,6 +151,8 @@ class UpstreamConnection(Protocol):
                 user.upstream_end()
             elif kind == INFO:
                 user.upstream_informational(value)
+        if user is not None and self.user is user:
+            user.upstream_flush()
 
     def _bad(self, why: str) -> None:
         user, self.user = self.user, None
@@ -113,6 +162,10 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
+        self._watch = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         if self.splice is not None:
             self.splice.lost(1, reason)
             return
@@ -165,7 +218,7 @@ class UpstreamPool:
                 tls: Any = None) -> "Deferred[UpstreamConnection]":
         """Open a new connection; errbacks with :class:`~wmproxy_tw.connect.UpstreamError`."""
         conn = UpstreamConnection(self, key)
-        factory: Factory = quiet_factory(lambda: conn)
+        factory: Any = quiet_factory(lambda: conn)
         if tls is not None:
             factory = TLSMemoryBIOFactory(tls, True, factory)
             factory.noisy = False
@@ -176,10 +229,11 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection) -> None:
         """Give a connection back after an exchange (closed unless cleanly reusable)."""
         conn.user = None
+        conn._watch = None
         if not self._closed and conn.reusable:
             # The last client may have paused it (back-pressure) right before the
             # response ended: an idle connection always reads, to see it close.
-            conn.transport.resumeProducing()
+            conn.resume_reading()
             conns = self.idle.setdefault(conn.key, [])
             if len(conns) < self.max_idle:
                 conn.idle_since = self.reactor.seconds()
