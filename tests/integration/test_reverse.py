@@ -18,8 +18,8 @@ from wmproxy_tw.config import load_text
 from wmproxy_tw.listen import StartupError
 from wmproxy_tw.service import ProxyService, plan
 
-from ..helpers import bound_port, run, run_python, start_proxy
-from .revutil import Origin, raw
+from ..helpers import bound_port, deferLater, run, run_python, start_proxy
+from .revutil import Origin, free_port, raw
 
 pytestmark = pytest.mark.integration
 
@@ -181,7 +181,16 @@ async def test_upstream_errors_502_504_and_reset_mid_body() -> None:
             reactor.callLater(0.05, self.transport.abortConnection)
 
     trunc = reactor.listenTCP(0, Factory.forProtocol(Truncate), interface="127.0.0.1")
+
+    class Garbage(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+
+    garbage = reactor.listenTCP(0, Factory.forProtocol(Garbage), interface="127.0.0.1")
     svc = await start_proxy(_conf(f"""
+        [[http.server.location]]
+        rule = "/garbage"
+        proxy_url = "http://127.0.0.1:{garbage.getHost().port}"
         [[http.server.location]]
         rule = "/refused"
         proxy_url = "http://127.0.0.1:1"
@@ -201,8 +210,34 @@ async def test_upstream_errors_502_504_and_reset_mid_body() -> None:
         assert out.endswith("504")
         out, code = await curl("-o", "/dev/null", "-w", "%{http_code}", f"{url}/trunc")
         assert code in (18, 56) and out.startswith("200")  # partial transfer / connection reset
+        out, _ = await curl("-o", "/dev/null", "-w", "%{http_code}", f"{url}/garbage")
+        assert out == "502"
     finally:
-        await _stop(svc, silent, trunc)
+        await _stop(svc, silent, trunc, garbage)
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_upstream_retries_idempotent_requests_only() -> None:
+    """A refused connect is retried on the next member for GET, not for POST (502)."""
+    o = Origin("o")
+    refused = free_port()
+    pair = f"""
+        [[http.upstream]]
+        name = "pair"
+        server = [{{ addr = "127.0.0.1:{refused}", max_fails = 100 }}, "{o.addr}"]
+    """
+    svc = await start_proxy(_conf('[[http.server.location]]\nproxy_url = "http://pair"\n', http=pair))
+    url = f"http://127.0.0.1:{bound_port(svc)}/x"
+    try:
+        out, _ = await curl(url, url)
+        assert out == "o GET /x\no GET /x\n"
+        codes = []
+        for _ in range(2):
+            out, _ = await curl("-o", "/dev/null", "-w", "%{http_code}", "-d", "a=1", url)
+            codes.append(out)
+        assert sorted(codes) == ["200", "502"]
+    finally:
+        await _stop(svc, o)
 
 
 @pytest_twisted.ensureDeferred
@@ -220,7 +255,18 @@ async def test_https_upstream_is_verified(tmp_path: Path) -> None:
     site.noisy = False
     web = reactor.listenSSL(0, site, pem.options(), interface="127.0.0.1")
     up = f"https://localhost:{web.getHost().port}"
+    group = f"""
+        [[http.upstream]]
+        name = "tls"
+        server = ["localhost:{web.getHost().port}"]
+        health_check = {{ interval = "0.1s", path = "/health", timeout = "1s", fall = 1, rise = 1 }}
+    """
     svc = await start_proxy(_conf(f"""
+        [[http.server.location]]
+        rule = "/group"
+        proxy_url = "https://tls"
+        proxy_ssl_name = "localhost"
+        proxy_ssl_ca = "{cert}"
         [[http.server.location]]
         rule = "/ca"
         proxy_url = "{up}"
@@ -232,9 +278,14 @@ async def test_https_upstream_is_verified(tmp_path: Path) -> None:
         rule = "/insecure"
         proxy_url = "{up}"
         proxy_ssl_verify = false
-    """))
+    """, http=group))
     url = f"http://127.0.0.1:{bound_port(svc)}"
     try:
+        await deferLater(0.35)  # a few active checks of the https group, over TLS
+        tls_group = next(g for g in svc.features[-1].groups.values() if g.name == "tls")
+        assert tls_group.snapshot()["members"][0]["state"] == "up"
+        out, _ = await curl(f"{url}/group/x")
+        assert out == "hello from origin /group/x\n"
         out, _ = await curl(f"{url}/ca/1")
         assert out == "hello from origin /ca/1\n"
         out, _ = await curl("-o", "/dev/null", "-w", "%{http_code}", f"{url}/system")

@@ -165,12 +165,15 @@ class ReverseProxy(MultiService):
             raise StartupError(str(e)) from None
 
     # -- building ------------------------------------------------------------------------
-    def group(self, spec: GroupSpec) -> UpstreamGroup:
+    def group(self, spec: GroupSpec, tls: Any = None) -> UpstreamGroup:
+        """The one UpstreamGroup of ``spec`` (shared by every location naming it),
+        with its active health checker (over TLS for https upstreams)."""
         g = self.groups.get(spec)
         if g is None:
             g = self.groups[spec] = UpstreamGroup(spec, self.reactor)
             if spec.health_check is not None:
-                HealthChecker(g, self.reactor, probe_for(self.reactor, spec.health_check)).setServiceParent(self)
+                probe = probe_for(self.reactor, spec.health_check, tls)
+                HealthChecker(g, self.reactor, probe).setServiceParent(self)
         return g
 
     def _tls_client(self, target: Target, loc: Location) -> Any:
@@ -264,7 +267,7 @@ class _Env:
         if target.scheme not in ("http", "https", "ws", "wss"):
             raise ValueError(f"{self.where}.proxy_url: {url!r}: expected an http:// or https:// URL")
         tls = self.feature._tls_client(target, loc) if target.scheme in ("https", "wss") else None
-        group = self.feature.group(target.group)
+        group = self.feature.group(target.group, tls)
         return ProxyHandler(self.feature.reactor, self.feature.pool, group, target, loc, request_rules, tls)
 
 
