@@ -45,7 +45,7 @@ from zope.interface import implementer
 from ..forward.httphead import HttpHeadError, RequestHead, RequestHeadParser, body_framing
 from .h1 import BodyError, ChunkedDecoder, LengthDecoder, normalize_path, reason
 
-__all__ = ["Limits", "HTTP11Channel", "IBodyReader"]
+__all__ = ["Limits", "HTTP11Channel"]
 
 _log = Logger()
 
@@ -68,12 +68,6 @@ class Limits:
     keepalive_timeout: float = 75.0
     read_timeout: float = 60.0
     write_timeout: float = 60.0
-
-
-class IBodyReader:
-    """What ``request.stream_body(reader)`` delivers to (duck-typed):
-    ``body_data(bytes)``, ``body_end()``, ``body_failed(status, message)``
-    (the channel itself answers the client in that case)."""
 
 
 @implementer(IPushProducer, IHalfCloseableProtocol)
@@ -397,7 +391,8 @@ class HTTP11Channel(Protocol):
 
     # -- the body seam (called through the request) -----------------------------
     def start_body(self, request: Any, reader: Any = None, then: Optional[Callable[[], None]] = None) -> None:
-        """Deliver the body of ``request`` to ``reader`` (or drain it, then call ``then``)."""
+        """Deliver the body of ``request`` to ``reader`` (an
+        :class:`~wmproxy_tw.reverse.handlers.IBodyReader`), or drain it and then call ``then``."""
         if request is not self._request or self._state is not _BODY or self._body_wanted:
             if then is not None and request is self._request and self._state is _WAIT:
                 then()

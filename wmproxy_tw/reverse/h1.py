@@ -27,6 +27,7 @@ against ~6 µs here, measured, so the upstream side has its own small parser.)
 from __future__ import annotations
 
 import re
+from http import HTTPStatus
 from typing import Any, Optional
 from urllib.parse import unquote_to_bytes
 
@@ -221,7 +222,14 @@ REASONS = {
 
 
 def reason(status: int) -> str:
-    return REASONS.get(status, "Unknown")
+    """The reason phrase of a status code (RFC 9110 names; "Unknown" for others)."""
+    text = REASONS.get(status)
+    if text is None:
+        try:
+            text = HTTPStatus(status).phrase
+        except ValueError:
+            text = "Unknown"
+    return text
 
 
 # -- the upstream side ------------------------------------------------------------------

@@ -44,6 +44,7 @@ from ..forward.httphead import hop_by_hop_clean
 from ..headers import apply_header_rules
 from ..relay import A, B, Splice
 from .h1 import reason, request_head
+from .handlers import IBodyReader, respond_error
 
 __all__ = ["Exchange", "IDEMPOTENT", "forwarded_headers", "response_fields"]
 
@@ -120,6 +121,7 @@ class _BodyPump:
         pass
 
 
+@implementer(IBodyReader)
 class Exchange:
     """The proxying of one request (see the module docstring)."""
 
@@ -395,8 +397,6 @@ class Exchange:
         self.done = True
         self._drop_conn(abort=True)
         self.request.on_gone = None
-        from .handlers import respond_error
-
         respond_error(self.request, status)
 
     def client_gone(self) -> None:
