@@ -214,6 +214,7 @@ async def test_200mb_both_ways_byte_identical_with_flat_memory(tmp_path: Path) -
         assert body.decode() == f"{digest} {size}\n"
         sampler.stop()
         assert max(samples) - baseline < 50, (baseline, max(samples))
+        assert b"Traceback" not in proxy.out and b"Unhandled" not in proxy.out, proxy.out[-3000:]
     finally:
         if sampler.running:
             sampler.stop()
@@ -236,6 +237,7 @@ async def test_twistd_reverse_proxy_quick_mode() -> None:
         await wait_port(port)
         out, err, code = await run("curl", "-sS", f"http://127.0.0.1:{port}/hello?x=1")
         assert out == b"o GET /hello?x=1\n", err
+        assert b"Traceback" not in proxy.out
     finally:
         await proxy.stop()
         await _stop(o)
