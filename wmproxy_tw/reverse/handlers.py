@@ -6,8 +6,16 @@ complete::
 
     location match (none → 404)
       → WebSocket upgrade to a location without is_ws → 403
+      → the location's client_max_body_size → 413
       → ctx.steps, in order: IStep.check(request, ctx)   (allow_ip/deny_ip → 403; limit_req …)
       → ctx.handler: IHandler.render(request, ctx)       (proxy_url | static_response | file_server …)
+
+The request is a :class:`~wmproxy_tw.reverse.request.ReverseRequest` (a
+twisted.web ``Request``: a handler may also hand it to a twisted.web
+resource's ``render``); it adds ``vars`` (the {variables}), ``norm_path``,
+``query``, ``host_name``, ``client_ip``, ``scheme`` and the body seam.  Its
+``channel`` is the client connection
+(:class:`~wmproxy_tw.reverse.channel.HTTP11Channel`).
 
 Extending it (file_server, try_paths, limit_req of the edge-features issue):
 
