@@ -26,6 +26,7 @@ from .control.api import IController, ReloadError
 from .feature import BuildContext, IFeature, ListenSpec
 from .forward import feature as forward_feature
 from . import stream as stream_feature
+from . import reverse
 from .tunnel import build as tunnel_feature
 from .listen import ListenerRegistry, StartupError, diff
 from .observe.stats import Stats
@@ -41,6 +42,7 @@ BUILDERS: list[Builder] = [
     forward_feature.build,
     stream_feature.build,
     tunnel_feature.build,
+    reverse.build,
 ]
 
 #: After shutdown_timeout, how long aborted connections get to report they are gone.
@@ -49,9 +51,7 @@ ABORT_GRACE = 2.0
 
 def _unsupported(config: Config) -> list[str]:
     """Sections that parse but are not served yet: refused, never ignored."""
-    out = []
-    if config.http is not None and config.http.server:
-        out.append("http.server")
+    out = reverse.unsupported(config)
     if config.fleet is not None:
         out.append("fleet")
     return out

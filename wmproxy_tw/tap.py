@@ -134,16 +134,37 @@ class WsProxyOptions(usage.Options):
         return "\n".join(lines) + "\n"
 
 
+class ReverseProxyOptions(usage.Options):
+    """``twistd wmproxy reverse-proxy``: one address proxied to one upstream URL."""
+
+    synopsis = "[-b ADDR] -t URL"
+    optParameters = [
+        ["bind", "b", "127.0.0.1:8869", "address to listen on"],
+        ["to", "t", None, "upstream: http://host:port[/path], https://..., or host:port"],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["to"]:
+            raise usage.UsageError("-t URL is required (e.g. -t http://127.0.0.1:8080)")
+
+    def to_toml(self) -> str:
+        return "\n".join([
+            "[http]", "[[http.server]]", f"bind_addr = {_quote(self['bind'])}",
+            "[[http.server.location]]", 'rule = "/"', f"proxy_url = {_quote(self['to'])}",
+        ]) + "\n"
+
+
 class Options(usage.Options):
     """``twistd wmproxy [-c FILE] [--check] [SUBCOMMAND]``."""
 
-    synopsis = "[-c FILE] [--check] [proxy ... | ws-proxy ...]"
+    synopsis = "[-c FILE] [--check] [proxy ... | ws-proxy ... | reverse-proxy ...]"
     longdesc = "All-in-one proxy: forward, reverse, L4, WebSocket and NAT traversal."
     optParameters = [["config", "c", None, "configuration file (.toml, .yaml)"]]
     optFlags = [["check", None, "validate the configuration, print the listeners, exit"]]
     subCommands = [
         ["proxy", None, ProxyOptions, "run a forward proxy without a configuration file"],
         ["ws-proxy", None, WsProxyOptions, "run one tcp2ws / ws2tcp bridge without a configuration file"],
+        ["reverse-proxy", None, ReverseProxyOptions, "proxy one address to one upstream URL, no file"],
     ]
 
     loaded: Loaded

@@ -444,6 +444,33 @@ def test_actively_unhealthy_member_is_not_used() -> None:
     assert 1 in ports(g, 2)
 
 
+def test_member_brought_back_by_checks_is_not_held_by_passive_state() -> None:
+    """A member marked failed passively and by checks is usable as soon as rise checks pass."""
+    g = make(spec(1), spec(2))
+    a = g.members[0]
+    for _ in range(3):
+        g.report_failure(a)
+    g.report_check(a, False, fall=1, rise=2)
+    assert set(ports(g, 4)) == {2}
+    g.report_check(a, True, fall=1, rise=2)
+    g.report_check(a, True, fall=1, rise=2)
+    assert 1 in ports(g, 2)
+
+
+def test_passive_failure_ends_after_rise_fresh_good_checks() -> None:
+    """Checks that stayed good during a passive failure bring the member back only after rise new ones."""
+    g = make(spec(1), spec(2))
+    a = g.members[0]
+    for _ in range(5):
+        g.report_check(a, True, fall=1, rise=2)
+    for _ in range(3):
+        g.report_failure(a)
+    g.report_check(a, True, fall=1, rise=2)
+    assert set(ports(g, 4)) == {2}
+    g.report_check(a, True, fall=1, rise=2)
+    assert 1 in ports(g, 2)
+
+
 def test_connection_counting_never_goes_negative() -> None:
     """connection_started/finished track active; an unmatched finish is ignored."""
     g = make(spec(1))

@@ -883,3 +883,36 @@ def test_basic_auth_roundtrip(user: str, password: str) -> None:
         user,
         password,
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    names=st.lists(st.from_regex(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]{1,12}", fullmatch=True), max_size=6),
+    values=st.lists(st.binary(max_size=20), min_size=6, max_size=6),
+    target=st.from_regex(r"/[!-~]{0,30}", fullmatch=True),
+    limits=st.tuples(st.integers(20, 200), st.integers(10, 400), st.integers(1, 8)),
+)
+def test_one_piece_and_bytewise_parses_agree(
+    names: list[str], values: list[bytes], target: str, limits: tuple[int, int, int]
+) -> None:
+    """A head fed whole (fast path) and byte by byte (line path) gives the same head, or both fail
+    (an input both malformed and oversized may fail on either count first)."""
+    fields = b"".join(n.encode() + b":" + v + b"\r\n" for n, v in zip(names, values, strict=False))
+    data = b"GET " + target.encode() + b" HTTP/1.1\r\n" + fields + b"\r\nREST"
+
+    def outcome(chunks: list[bytes]) -> object:
+        parser = RequestHeadParser(max_line=limits[0], max_header_bytes=limits[1], max_headers=limits[2])
+        try:
+            for i, c in enumerate(chunks):
+                head = parser.feed(c)
+                if head is not None:
+                    return head, parser.take_leftover() + b"".join(chunks[i + 1:])
+        except HttpHeadError as e:
+            return e.status
+        return None
+
+    whole, bytewise_ = outcome([data]), outcome(bytewise(data))
+    if isinstance(whole, int) or isinstance(bytewise_, int):
+        assert isinstance(whole, int) and isinstance(bytewise_, int)
+    else:
+        assert whole == bytewise_

@@ -14,11 +14,12 @@ the real ones from an injected reactor.
 from __future__ import annotations
 
 import re
+from typing import Any
 from collections.abc import Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
@@ -152,13 +153,16 @@ def tcp_probe(reactor: IReactorTCP) -> ProbeFn:
     return probe
 
 
-def http_probe(reactor: IReactorTCP) -> ProbeFn:
-    """A probe that sends ``GET spec.path`` and matches the status with ``spec.expect``."""
+def http_probe(reactor: IReactorTCP, tls: Any = None) -> ProbeFn:
+    """A probe that sends ``GET spec.path`` and matches the status with ``spec.expect``
+    (over TLS when ``tls``, a client connection creator, is given: https upstreams)."""
 
     def probe(member: Member, spec: HealthCheckSpec) -> Deferred[bool]:
         host, port = member.addr
         proto = HTTPStatusProbe(build_request(member, spec.path or "/"))
-        endpoint = HostnameEndpoint(reactor, host, port, timeout=spec.timeout)
+        endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=spec.timeout)
+        if tls is not None:
+            endpoint = wrapClientTLS(tls, endpoint)
         d = connectProtocol(endpoint, proto)
         d.addCallback(lambda _proto: proto.done)
         d.addCallback(spec.accepts)
@@ -167,9 +171,9 @@ def http_probe(reactor: IReactorTCP) -> ProbeFn:
     return probe
 
 
-def probe_for(reactor: IReactorTCP, spec: HealthCheckSpec) -> ProbeFn:
+def probe_for(reactor: IReactorTCP, spec: HealthCheckSpec, tls: Any = None) -> ProbeFn:
     """The real probe matching ``spec.kind``."""
-    return http_probe(reactor) if spec.kind == "http" else tcp_probe(reactor)
+    return http_probe(reactor, tls) if spec.kind == "http" else tcp_probe(reactor)
 
 
 def build_request(member: Member, path: str) -> bytes:

@@ -248,6 +248,7 @@ class UpstreamGroup:
     def _mark_failed(self, member: Member, now: float, why: str) -> None:
         member._failed_until = now + member.spec.fail_timeout
         member._probe_until = None
+        member._check_ok_streak = 0  # active checks must see it good again, from now on
         log.warn(  # noqa: G010 (twisted.logger has no .warning)
             "upstream {group}: {member} marked failed for {seconds}s ({why})",
             group=self.name,
@@ -259,18 +260,34 @@ class UpstreamGroup:
     # -- active health (driven by HealthChecker) -----------------------------
 
     def report_check(self, member: Member, ok: bool, *, fall: int, rise: int) -> None:
-        """Record one active check result; ``fall``/``rise`` streaks flip health."""
+        """Record one active check result; ``fall``/``rise`` streaks flip health.
+
+        ``rise`` successful checks also end a passive failure (one counted
+        from the moment the member was marked failed), so a member that was
+        down comes back after ``rise × interval``, not after ``fail_timeout``.
+        """
         if ok:
             member._check_fail_streak = 0
             member._check_ok_streak += 1
-            if not member.check_healthy and member._check_ok_streak >= rise:
-                member.check_healthy = True
-                log.info(
-                    "upstream {group}: {member} healthy after {n} checks",
-                    group=self.name,
-                    member=member.addr_str,
-                    n=member._check_ok_streak,
-                )
+            if member._check_ok_streak >= rise:
+                if not member.check_healthy:
+                    member.check_healthy = True
+                    log.info(
+                        "upstream {group}: {member} healthy after {n} checks",
+                        group=self.name,
+                        member=member.addr_str,
+                        n=member._check_ok_streak,
+                    )
+                if member._failed_until is not None:
+                    member._failed_until = None
+                    member._probe_until = None
+                    member._failures.clear()
+                    log.info(
+                        "upstream {group}: {member} is back ({n} good checks)",
+                        group=self.name,
+                        member=member.addr_str,
+                        n=member._check_ok_streak,
+                    )
         else:
             member._check_ok_streak = 0
             member._check_fail_streak += 1

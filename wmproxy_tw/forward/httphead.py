@@ -50,6 +50,17 @@ _DIGITS = re.compile(r"[0-9]+")
 #: Empty lines tolerated before the request-line (RFC 9112 §2.2: "at least one").
 MAX_LEADING_EMPTY_LINES = 8
 
+#: A complete, well-formed head in one piece (the common case), checked in one pass:
+#: request-line, CRLF-terminated fields (token names, values without CTLs), empty line.
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_FAST_HEAD = re.compile(
+    _TCHAR + rb"+ [\x21-\x7e]+ HTTP/1\.[0-9]\r\n((?:" + _TCHAR + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n"
+)
+#: One field of a head that passed _FAST_HEAD: name, value without surrounding blanks.
+_FAST_FIELD = re.compile(
+    rb"(" + _TCHAR + rb"+):[ \t]*((?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)[ \t]*\r\n"
+)
+
 
 class HttpHeadError(Exception):
     """A malformed or oversized request head.
@@ -100,7 +111,8 @@ class RequestHeadParser:
     the head and resets the parser for the next request on the connection.
 
     Line terminators: CRLF, or a bare LF (RFC 9112 §2.2 allows recognising
-    it); a bare CR anywhere is rejected.  Limits fail as soon as they are
+    it; ``allow_bare_lf=False`` rejects it with 400, as a reverse proxy in
+    front of other parsers should); a bare CR anywhere is rejected.  Limits fail as soon as they are
     exceeded, without waiting for the end of the line:
 
     * request-line longer than ``max_line`` → 414;
@@ -117,10 +129,12 @@ class RequestHeadParser:
         max_line: int = 8192,
         max_header_bytes: int = 16384,
         max_headers: int = 100,
+        allow_bare_lf: bool = True,
     ) -> None:
         self.max_line = max_line
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
+        self.allow_bare_lf = allow_bare_lf
         self._reset()
 
     def _reset(self) -> None:
@@ -143,6 +157,12 @@ class RequestHeadParser:
         """
         if self._head is not None:
             raise RuntimeError("head already complete: call take_leftover() first")
+        if not self._buf and self._request_line is None and not self._leading:
+            end = data.find(b"\r\n\r\n")
+            if end > 0:
+                fast = self._fast(data, end + 4)
+                if fast is not None:
+                    return fast
         buf = self._buf
         buf += data
         while True:
@@ -158,6 +178,8 @@ class RequestHeadParser:
             start = self._off
             self._off = self._scan = nl + 1
             end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
+            if end == nl and not self.allow_bare_lf:
+                raise HttpHeadError(400, "bare LF in request head")
             line = bytes(buf[start:end])
             if b"\r" in line:
                 raise HttpHeadError(400, "bare CR in request head")
@@ -172,6 +194,31 @@ class RequestHeadParser:
                 self._buf = bytearray()
                 self._off = self._scan = 0
                 return self._head
+
+    def _fast(self, data: bytes, end: int) -> RequestHead | None:
+        """The head ending at ``end`` if it is well-formed and within every limit;
+        None sends it through the line-by-line path (which finds the precise error)."""
+        m = _FAST_HEAD.fullmatch(data, 0, end)
+        if m is None:
+            return None
+        start, stop = m.span(1)
+        if start - 2 > self.max_line or stop - start > self.max_header_bytes:
+            return None
+        fields = _FAST_FIELD.findall(data, start, stop)
+        if len(fields) > self.max_headers:
+            return None
+        if stop - start > self.max_line and max(map(len, data[start:stop].split(b"\r\n"))) > self.max_line:
+            return None
+        method, target, version = bytes(data[: start - 2]).split(b" ")
+        head = RequestHead(
+            method.decode("ascii"),
+            target.decode("ascii"),
+            version.decode("ascii"),
+            tuple((k.decode("ascii"), v.decode("latin-1")) for k, v in fields),
+        )
+        self._head = head
+        self._leftover = data[end:]
+        return head
 
     def take_leftover(self) -> bytes:
         """Return the bytes after the completed head and reset for the next head.

@@ -1,0 +1,157 @@
+"""The request pipeline of the reverse proxy (location → steps → handler) and its seams,
+driven through the real channel on a StringTransport."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+from zope.interface.verify import verifyClass, verifyObject
+
+from wmproxy_tw.config import load_text
+from wmproxy_tw.config.model import HttpServer, Location
+from wmproxy_tw.reverse.channel import Limits
+from wmproxy_tw.reverse.handlers import (
+    AccessStep,
+    IBodyReader,
+    IHandler,
+    IStep,
+    LocationCtx,
+    ProxyHandler,
+    StaticResponseHandler,
+    respond_text,
+)
+from wmproxy_tw.reverse.proxy import Exchange
+from wmproxy_tw.reverse.route import VirtualHosts, compile_rule
+from wmproxy_tw.feature import BuildContext
+from wmproxy_tw.reverse.site import ReverseFeature, ReverseSite, ServerCtx
+
+
+@implementer(IHandler)
+class Recorder:
+    """A handler double: answers 200 with what it saw."""
+
+    def __init__(self, streams_body: bool = False) -> None:
+        self.streams_body = streams_body
+        self.seen: list[Any] = []
+
+    def render(self, request: Any, ctx: LocationCtx) -> None:
+        self.seen.append(request)
+        respond_text(request, 200, b"handled " + request.uri)
+
+
+@implementer(IStep)
+class Later:
+    """A step double that decides later (like a delaying limit_req)."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[bool]] = []
+        self.requests: list[Any] = []
+
+    def check(self, request: Any, ctx: LocationCtx) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        self.pending.append(d)
+        self.requests.append(request)
+        return d
+
+
+SERVER = HttpServer(bind_addr="127.0.0.1:1")
+
+
+def site_with(*locations: tuple[str, Any, list[Any]], ws: bool = False) -> tuple[ReverseSite, Clock]:
+    clock = Clock()
+    ctxs = [LocationCtx(f"loc[{i}]", Location(rule=rule, is_ws=ws), SERVER, compile_rule(rule, {}), handler=h,
+                        steps=steps) for i, (rule, h, steps) in enumerate(locations)]
+    site = ReverseSite(clock, VirtualHosts([([], ServerCtx(0, SERVER, ctxs))]), Limits(), "test")
+    return site, clock
+
+
+def connect(site: ReverseSite) -> tuple[Any, StringTransport]:
+    ch = site.buildProtocol(None)
+    t = StringTransport()
+    ch.makeConnection(t)
+    return ch, t
+
+
+def test_seams_are_implemented() -> None:
+    """The shipped handlers and steps provide the interfaces the edge features build on."""
+    verifyObject(IHandler, StaticResponseHandler(Location(static_response="x")))
+    verifyObject(IStep, AccessStep(load_text('[http]\nallow_ip = "::1"\n').config.http.allow_ip, None))  # type: ignore[union-attr,arg-type]
+    verifyClass(IBodyReader, Exchange)
+    loaded = load_text('[[http.server]]\nbind_addr = "127.0.0.1:1"\nproxy_url = "http://127.0.0.1:2"\n')
+    handler = ReverseFeature(BuildContext(Clock()), loaded.config).sites[0][2].vhosts.default.locations[0].handler
+    assert isinstance(handler, ProxyHandler)
+    verifyObject(IHandler, handler)
+
+
+def test_first_matching_location_and_404() -> None:
+    """Locations are tried in order; no match is a 404."""
+    a, b = Recorder(), Recorder()
+    site, _ = site_with(("/a", a, []), ("/", b, []))
+    ch, t = connect(site)
+    ch.dataReceived(b"GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [r.uri for r in a.seen] == [b"/a/1"] and [r.uri for r in b.seen] == [b"/b"]
+    site2, _ = site_with(("/only", Recorder(), []))
+    ch2, t2 = connect(site2)
+    ch2.dataReceived(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert t2.value().startswith(b"HTTP/1.1 404 ")
+
+
+def test_a_step_may_decide_later_and_the_handler_waits() -> None:
+    """A step returning a Deferred holds the request; True lets it through, False stops it."""
+    later, h = Later(), Recorder()
+    site, _ = site_with(("/", h, [later]))
+    ch, t = connect(site)
+    ch.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert h.seen == [] and len(later.pending) == 1
+    later.pending[0].callback(True)
+    assert [r.uri for r in h.seen] == [b"/1"]
+    ch.dataReceived(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    respond_text(later.requests[1], 503, b"later")  # a step that says False has answered itself
+    later.pending[1].callback(False)
+    assert len(h.seen) == 1 and b"HTTP/1.1 503 " in t.value()
+
+
+def test_access_step_refuses_with_403_before_the_handler() -> None:
+    """deny_ip stops the pipeline with 403; the handler never runs."""
+    from wmproxy_tw.config.grammar import parse_ipset
+
+    h = Recorder()
+    site, _ = site_with(("/", h, [AccessStep(parse_ipset(""), parse_ipset("192.168.1.1"))]))
+    ch, t = connect(site)
+    ch.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert t.value().startswith(b"HTTP/1.1 403 ") and h.seen == []
+
+
+def test_websocket_upgrade_needs_is_ws() -> None:
+    """An upgrade to a location without is_ws gets a 403 that says why."""
+    h = Recorder()
+    site, _ = site_with(("/", h, []))
+    ch, t = connect(site)
+    ch.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    assert t.value().startswith(b"HTTP/1.1 403 ") and b"is_ws" in t.value() and h.seen == []
+
+
+def test_static_response_with_variables_headers_and_rules() -> None:
+    """static_response expands variables; static_headers and the location's response rules apply."""
+    loaded = load_text("""
+[[http.server]]
+bind_addr = "127.0.0.1:1"
+[[http.server.location]]
+rule = "/hello"
+static_response = "hi {client_ip} {path} {query}"
+static_status = 201
+static_headers = ["Content-Type text/html", "X-A 1"]
+headers = ["+ X-Rule {method}"]
+""")
+    feature = ReverseFeature(BuildContext(Clock()), loaded.config)
+    site = feature.sites[0][2]
+    ch, t = connect(site)
+    ch.dataReceived(b"GET /hello/w%6Frld?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    out = t.value()
+    assert out.startswith(b"HTTP/1.1 201 ") and out.endswith(b"hi 192.168.1.1 /hello/world x=1")
+    assert b"Content-Type: text/html\r\n" in out and b"X-A: 1\r\n" in out and b"X-Rule: GET\r\n" in out
+    assert b"Content-Length: 31\r\n" in out and b" 201 Created\r\n" in out
