@@ -65,19 +65,21 @@ def parse(raw: bytes, head: bool = False) -> Response:
     return Response(status, headers, body, raw)
 
 
-async def send(port: int, data: bytes, head: bool = False, host: str = "127.0.0.1") -> Response:
-    """Send ``data`` (a whole request, ideally with ``Connection: close``) and parse the answer."""
-    ep = TCP4ClientEndpoint(reactor, host, port)
+async def send(port: int, data: bytes, head: bool = False, host: str = "127.0.0.1",
+               source: str | None = None) -> Response:
+    """Send ``data`` (a whole request, ideally with ``Connection: close``) and parse the answer;
+    ``source`` binds the client socket (e.g. 127.0.0.2: another client address on loopback)."""
+    ep = TCP4ClientEndpoint(reactor, host, port, bindAddress=(source, 0) if source else None)
     proto = await ep.connect(Factory.forProtocol(lambda: _Collect(data)))
     return parse(await proto.done, head)
 
 
 async def get(port: int, path: bytes | str, headers: dict[str, str] | None = None,
-              method: str = "GET") -> Response:
+              method: str = "GET", source: str | None = None) -> Response:
     """One request with ``Connection: close``; ``path`` goes on the wire as given."""
     if isinstance(path, str):
         path = path.encode("latin-1")
     lines = [method.encode() + b" " + path + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close"]
     for k, v in (headers or {}).items():
         lines.append(f"{k}: {v}".encode("latin-1"))
-    return await send(port, b"\r\n".join(lines) + b"\r\n\r\n", head=(method == "HEAD"))
+    return await send(port, b"\r\n".join(lines) + b"\r\n\r\n", head=(method == "HEAD"), source=source)

@@ -19,20 +19,23 @@ from __future__ import annotations
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
     IPushProducer,
     IReactorTime,
 )
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from .config.grammar import IPSet, Rate
-from .config.model import LimitReqZone
+from .config.model import LimitReq, LimitReqZone
 
 __all__ = [
     "Decision",
@@ -46,6 +49,8 @@ __all__ = [
     "default_burst",
 ]
 
+
+_log = Logger()
 
 # ------------------------------------------------------------------ allow/deny
 
@@ -160,7 +165,50 @@ def build_zones(specs: Mapping[str, LimitReqZone], clock: IReactorTime,
     return zones
 
 
+class LimitReqStep:
+    """``limit_req`` before the handler (the reverse pipeline's ``IStep``).
+
+    ``key(request)`` expands the zone's key template for a request (the
+    pipeline's templates over ``request.vars``).  ``check`` answers 503 with
+    ``Retry-After`` and returns False, returns True, or — when nginx would
+    delay the request (no ``nodelay``) — a Deferred firing True after the delay
+    (False if the client left meanwhile).
+    """
+
+    def __init__(self, zone: RequestZone, rule: LimitReq, key: Callable[[Any], str],
+                 clock: IReactorTime) -> None:
+        self.zone = zone
+        self.rule = rule
+        self.key = key
+        self.clock = clock
+
+    def check(self, request: Any, ctx: Any = None) -> bool | Deferred[bool]:
+        decision = self.zone.check(self.key(request), self.rule.burst, self.rule.nodelay)
+        if not decision.allowed:
+            _log.debug("limit_req zone {zone}: refused {key}", zone=self.zone.name, key=self.key(request))
+            answer_503(request, decision.retry_after)
+            return False
+        if decision.delay > 0:
+            return deferLater(self.clock, decision.delay, lambda: not getattr(request, "_disconnected", False))
+        return True
+
+
+def answer_503(request: Any, retry_after: int) -> None:
+    """503 with ``Retry-After`` (whole seconds)."""
+    body = b"503 Service Unavailable\n"
+    request.setResponseCode(503)
+    request.setHeader(b"retry-after", str(max(1, retry_after)).encode())
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", str(len(body)).encode())
+    request.write(body)
+    request.finish()
+
+
 # ------------------------------------------------------------- bandwidth pacing
+
+#: Shortest pause: clocks with large values can't represent tinier steps.
+MIN_WAIT = 0.001
+
 
 def default_burst(rate: float) -> float:
     """Bytes a fresh bucket may send at once: 1/8 s of the rate, within [4 KiB, 1 MiB]."""
@@ -195,11 +243,17 @@ class TokenBucket:
         """Take ``n`` bytes; return the seconds to wait before sending more (0: none)."""
         self._refill()
         self.tokens -= n
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+        return self._debt()
 
     def wait(self) -> float:
+        """Seconds until the debt is paid (0: none); never below :data:`MIN_WAIT`."""
         self._refill()
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+        return self._debt()
+
+    def _debt(self) -> float:
+        if self.tokens > -1.0:  # less than a byte of debt: float noise
+            return 0.0
+        return max(-self.tokens / self.rate, MIN_WAIT)
 
     @property
     def chunk(self) -> int:

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
+from twisted.web import resource
 
 from ..filetree import OLD, SECRET, make_tree, serve
 from ..httpraw import get, send
@@ -281,3 +283,85 @@ async def test_big_sparse_file_streams_with_flat_memory(start: Any, tmp_path: Pa
     assert code == 0 and out.decode() == f"200 {200 * 1024 * 1024}"
     growth = max(peak) - before
     assert growth < 32 * 1024 * 1024, f"RSS grew by {growth / 1e6:.1f} MB"
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefix_root_redirects(start: Any) -> None:
+    """The prefix itself is the root folder: '/static' redirects to '/static/', which lists."""
+    s = start(prefix="/static", browse=True)
+    r = await s.get("/static")
+    assert r.status == 301 and r.header("location") == "/static/"
+    listing = await s.get("/static/")
+    assert listing.status == 200 and b"a.txt" in listing.body and b'href="../"' not in listing.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limit_paces_a_download(start: Any, tree: Path) -> None:
+    """rate_limit = 2m/s: a 2 MiB file takes about a second (loose real-socket check)."""
+    from twisted.internet import reactor
+
+    from wmproxy_tw.config.grammar import parse_rate
+
+    (tree / "two.bin").write_bytes(os.urandom(2 * 1024 * 1024))
+    s = start(rate_limit=parse_rate("2m/s"))
+    t0 = reactor.seconds()
+    r = await s.get("/two.bin")
+    elapsed = reactor.seconds() - t0
+    assert r.status == 200 and len(r.body) == 2 * 1024 * 1024
+    assert 0.7 <= elapsed <= 3.0, elapsed
+
+
+class _Limited(resource.Resource):
+    """A test stand-in for the pipeline: limit_req step, then the file handler."""
+
+    isLeaf = True
+
+    def __init__(self, step: Any, handler: Any) -> None:
+        super().__init__()
+        self.step, self.handler = step, handler
+
+    def render(self, request: Any) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        ok = self.step.check(request)
+        if ok is True:
+            return self.handler.render(request)
+        if ok is not False:
+            ok.addCallback(lambda go: self.handler.render(request) if go else None)
+        return NOT_DONE_YET
+
+
+@pytest_twisted.ensureDeferred
+async def test_limit_req_real_sockets(tree: Path) -> None:
+    """rate=10r/s burst=5: 100 requests over ~1 s from one address → ~15 pass; another address passes."""
+    from twisted.internet import reactor
+    from twisted.web import server
+
+    from wmproxy_tw.config.model import FileServer, LimitReq, parse_limit_req_zone
+    from wmproxy_tw.limits import LimitReqStep, RequestZone
+    from wmproxy_tw.reverse.files import FileHandler
+
+    from ..helpers import deferLater
+
+    zone = RequestZone("z", parse_limit_req_zone("{client_ip} limit=1m rate=10r/s"), reactor)
+    step = LimitReqStep(zone, LimitReq("z", burst=5), lambda r: r.getClientAddress().host, reactor)
+    handler = FileHandler(FileServer(), str(tree), clock=reactor)
+    site = server.Site(_Limited(step, handler))
+    site.noisy = False
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    n = port.getHost().port
+    try:
+        pending = []
+        for _ in range(100):
+            pending.append(defer.ensureDeferred(get(n, "/a.txt")))
+            await deferLater(0.01)
+        results = await defer.gatherResults(pending)
+        statuses = [r.status for r in results]
+        assert set(statuses) <= {200, 503}
+        assert 12 <= statuses.count(200) <= 19, statuses.count(200)
+        refused = next(r for r in results if r.status == 503)
+        assert int(refused.header("retry-after") or "0") >= 1
+        other = await get(n, "/a.txt", source="127.0.0.2")
+        assert other.status == 200
+    finally:
+        await defer.maybeDeferred(port.stopListening)

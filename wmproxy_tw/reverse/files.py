@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, quote_from_bytes, unquote_to_bytes
 
 from twisted.internet.interfaces import IPullProducer, IReactorTime
 from twisted.logger import Logger
@@ -51,7 +51,8 @@ from .conditional import (
 )
 from .mime import MimeTable, compressible
 
-__all__ = ["FileCache", "FileHandler", "FileResource", "FileSender", "PathError", "file_site", "split_path"]
+__all__ = ["FileCache", "FileHandler", "FileResource", "FileSender", "PathError", "as_raw", "file_site",
+           "split_path"]
 
 _log = Logger()
 
@@ -81,6 +82,18 @@ def _raw_bytes(path: PathLike) -> bytes:
         return path.encode("utf-8")
 
 
+#: Characters left as they are when a decoded path is encoded again.
+_SAFE = "/!$&'()*+,;=:@~-._"
+
+
+def as_raw(path: PathLike, encoded: bool = True) -> bytes:
+    """A path as it would be sent: ``encoded=False`` means ``path`` is already
+    percent-decoded (e.g. a ``try_paths`` candidate built from ``{path}``), so it
+    is encoded again and decoded exactly once later."""
+    raw = _raw_bytes(path)
+    return raw if encoded else quote_from_bytes(raw, safe=_SAFE).encode("ascii")
+
+
 def split_path(path: PathLike, prefix: str = "") -> tuple[list[str], bool]:
     """The URL path (as sent: percent-encoded, no query) as safe segments under
     the root, and whether it ended with ``/``.  Raises :class:`PathError`."""
@@ -95,7 +108,7 @@ def split_path(path: PathLike, prefix: str = "") -> tuple[list[str], bool]:
     text = os.fsdecode(decoded)
     if prefix:
         if text == prefix or text.startswith(prefix + "/"):
-            text = text[len(prefix):] or "/"
+            text = text[len(prefix):]  # "" for the prefix itself: a directory without its '/'
         else:
             raise PathError(404, "outside the file server's prefix")
     segments: list[str] = []
@@ -280,7 +293,14 @@ _REASONS = {301: "Moved Permanently", 400: "Bad Request", 403: "Forbidden", 404:
 
 class FileHandler:
     """Serves one ``file_server`` (its own ``root``, else the location's, else
-    the working directory).  ``rate_limit`` paces response bodies per connection."""
+    the working directory).  ``rate_limit`` paces response bodies per connection.
+
+    The reverse pipeline's handler seam: ``render(request, ctx)``,
+    ``exists(path)`` (for ``try_paths``), ``streams_body = False`` (a body sent
+    with GET is drained first).
+    """
+
+    streams_body = False
 
     def __init__(self, config: FileServer, root: str | None = None, *, clock: IReactorTime,
                  rate_limit: Rate | None = None, cache: FileCache | None = None,
@@ -349,11 +369,11 @@ class FileHandler:
                 return real, st
         return None
 
-    def exists(self, path: PathLike) -> bool:
+    def exists(self, path: PathLike, *, encoded: bool = True) -> bool:
         """Would GET ``path`` be served (``try_paths``)?  A path ending in ``/``
         names a directory with an index file or a listing; others a regular file."""
         try:
-            segments, slash = split_path(path, self.prefix)
+            segments, slash = split_path(as_raw(path, encoded), self.prefix)
             real = self._real(segments)
         except PathError:
             return False
@@ -365,11 +385,13 @@ class FileHandler:
         return stat.S_ISREG(st.st_mode) and not slash
 
     # -- answering ---------------------------------------------------------------
-    def render(self, request: Any, path: PathLike | None = None) -> Any:
-        """Answer ``request`` for URL ``path`` (default: the request's own path,
-        without its query).  Always returns ``NOT_DONE_YET``: the response is
-        finished here or by the producer."""
-        raw = _raw_bytes(path if path is not None else request.path)
+    def render(self, request: Any, ctx: Any = None, *, path: PathLike | None = None,
+               encoded: bool = True) -> Any:
+        """Answer ``request`` (the reverse pipeline's ``IHandler.render(request,
+        ctx)``; ``ctx`` is not needed).  ``path`` overrides the request's own path
+        (as sent, without query; ``encoded=False`` for a decoded path).  Returns
+        ``NOT_DONE_YET``: the response is finished here or by the producer."""
+        raw = as_raw(path, encoded) if path is not None else _raw_bytes(request.path)
         try:
             self._render(request, raw)
         except PathError as e:
@@ -596,6 +618,10 @@ class FileHandler:
         request.setResponseCode(status)
         request.setHeader(b"content-type", content_type.encode())
         self._send_bytes(request, request.method.decode("ascii", "replace").upper(), body)
+
+    def error(self, request: Any, status: int) -> None:
+        """Answer ``status`` the way this file server does (``path404`` for 404)."""
+        self._error(request, status)
 
     def _error(self, request: Any, status: int) -> None:
         for name in (b"etag", b"last-modified", b"content-range", b"accept-ranges", b"vary",

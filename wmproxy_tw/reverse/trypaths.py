@@ -18,8 +18,9 @@ import re
 import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["TryOutcome", "TryPaths"]
+__all__ = ["TryOutcome", "TryPaths", "TryPathsHandler"]
 
 Expand = Callable[[str], str]
 
@@ -99,3 +100,49 @@ class TryPaths:
             if exists(path):
                 return TryOutcome(path=path, tried=tuple(tried))
         return TryOutcome(status=self.status, tried=tuple(tried))
+
+
+def _answer(request: Any, status: int) -> None:
+    body = f"{status}\n".encode()
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", str(len(body)).encode())
+    request.write(body)
+    request.finish()
+
+
+class TryPathsHandler:
+    """``try_paths`` in front of a location's handler (the pipeline's handler seam).
+
+    ``expand_for(request)`` gives the variable expander of one request (the
+    pipeline's templates over ``request.vars``); candidates are *decoded* paths,
+    as ``{path}`` is.  The inner handler's ``exists(path, encoded=False)``
+    decides; the winner is served with ``inner.render(request, ctx, path=...,
+    encoded=False)``.  An inner handler without ``exists`` (a proxy) takes the
+    first candidate as existing and serves the request unchanged.  When none
+    exists, the final status is answered by ``inner.error`` if it has one (the
+    file server's ``path404`` page), else as a short text.
+    """
+
+    def __init__(self, inner: Any, try_paths: TryPaths, expand_for: Callable[[Any], Expand]) -> None:
+        self.inner = inner
+        self.try_paths = try_paths
+        self.expand_for = expand_for
+        self.streams_body = getattr(inner, "streams_body", False)
+
+    def render(self, request: Any, ctx: Any = None) -> Any:
+        exists = getattr(self.inner, "exists", None)
+        check: Callable[[str], bool] = (
+            (lambda p: bool(exists(p, encoded=False))) if exists is not None else (lambda p: True))
+        out = self.try_paths.evaluate(self.expand_for(request), check)
+        if out.path is None:
+            status = out.status or 404
+            error = getattr(self.inner, "error", None)
+            if error is not None:
+                error(request, status)
+            else:
+                _answer(request, status)
+            return None
+        if exists is None:
+            return self.inner.render(request, ctx)
+        return self.inner.render(request, ctx, path=out.path, encoded=False)
