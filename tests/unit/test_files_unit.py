@@ -205,16 +205,19 @@ def test_try_paths_over_file_server(tree: Path) -> None:
 
     class Proxyish:
         streams_body = True
-        served: list[Any] = []
+
+        def __init__(self) -> None:
+            self.served: list[Any] = []
 
         def render(self, request: Any, ctx: Any = None) -> None:
             self.served.append(request)
 
-    p = TryPathsHandler(Proxyish(), TryPaths.parse("{path}/ =502"), _expand)
+    proxy = Proxyish()
+    p = TryPathsHandler(proxy, TryPaths.parse("{path}/ =502"), _expand)
     assert p.streams_body
     r = FakeRequest(b"/q")
     p.render(r)
-    assert Proxyish.served == [r]
+    assert proxy.served == [r]
     gone = TryPathsHandler(Proxyish(), TryPaths.parse("'^/nomatch(.*) {path} /x$1' =410"), _expand)
     r = FakeRequest(b"/q")
     gone.render(r)
