@@ -49,6 +49,7 @@ from .conditional import (
     parse_range,
     preconditions,
 )
+from .http2 import use_guarded_h2
 from .mime import MimeTable, compressible
 
 __all__ = ["FileCache", "FileHandler", "FileResource", "FileSender", "PathError", "as_raw", "file_site",
@@ -758,4 +759,4 @@ def file_site(config: FileServer, root: str | None, clock: IReactorTime, *,
                        timeout=timeout)
     site.noisy = False
     site.displayTracebacks = False
-    return site
+    return use_guarded_h2(site)
