@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from .config import Config, Loaded
 from .config.grammar import is_loopback_host
 from .listen import ListenerRegistry, StartupError
+from .reverse.files import file_root, standalone, standalone_site
 
 __all__ = ["ProxyService", "plan"]
 
@@ -20,7 +21,7 @@ _log = Logger()
 def _unsupported(config: Config) -> list[str]:
     """Sections that parse but are not served yet: refused, never ignored."""
     out = []
-    if config.http is not None and config.http.server:
+    if config.http is not None and config.http.server and not all(map(standalone, config.http.server)):
         out.append("http.server")
     if config.stream is not None and config.stream.server:
         out.append("stream.server")
@@ -54,6 +55,8 @@ def plan(config: Config) -> list[str]:
                 )
             lines.append(f"forward proxy ({' '.join(sorted(p.flag))}) on {addr}"
                          + (" with auth" if p.username else ""))
+    for srv in config.http.server if config.http is not None else ():
+        lines += [f"file server of {file_root(srv)} on {addr}" for addr in srv.bind_addr]
     return lines
 
 
@@ -83,6 +86,10 @@ class ProxyService(service.MultiService):
             self.features.append(factory)
             for addr in p.bind:
                 self.registry.bind_tcp(addr, factory, "forward proxy", p.max_connections)
+        for srv in self.config.http.server if self.config.http is not None else ():
+            site = standalone_site(srv, self.reactor)  # interim, until the reverse pipeline serves [http]
+            for addr in srv.bind_addr:
+                self.registry.bind_tcp(addr, site, "file server", srv.max_connections)
 
     def abandon(self) -> None:
         """Close what was bound after a start-up failure."""

@@ -71,24 +71,51 @@ class ProxyOptions(usage.Options):
         return "\n".join(lines) + "\n"
 
 
+class FileServerOptions(usage.Options):
+    """``twistd wmproxy file-server``: serve a folder without a file."""
+
+    synopsis = "-b ADDR -r ROOT [--browse]"
+    optParameters = [
+        ["bind", "b", "127.0.0.1:8080", "address to listen on"],
+        ["root", "r", ".", "folder to serve"],
+    ]
+    optFlags = [["browse", None, "list folders that have no index file"]]
+
+    def postOptions(self) -> None:
+        import os
+
+        root = os.path.abspath(self["root"])
+        if not os.path.isdir(root):
+            raise usage.UsageError(f"--root {self['root']!r} is not a folder")
+        self["root"] = root
+
+    def to_toml(self) -> str:
+        fs = f"root = {_quote(self['root'])}" + (", browse = true" if self["browse"] else "")
+        return "\n".join([
+            "[http]", "[[http.server]]", f"bind_addr = {_quote(self['bind'])}",
+            "[[http.server.location]]", 'rule = "/"', f"file_server = {{ {fs} }}",
+        ]) + "\n"
+
+
 class Options(usage.Options):
     """``twistd wmproxy [-c FILE] [--check] [SUBCOMMAND]``."""
 
-    synopsis = "[-c FILE] [--check] [proxy ...]"
+    synopsis = "[-c FILE] [--check] [proxy ... | file-server ...]"
     longdesc = "All-in-one proxy: forward, reverse, L4, WebSocket and NAT traversal."
     optParameters = [["config", "c", None, "configuration file (.toml, .yaml)"]]
     optFlags = [["check", None, "validate the configuration, print the listeners, exit"]]
     subCommands = [
         ["proxy", None, ProxyOptions, "run a forward proxy without a configuration file"],
+        ["file-server", None, FileServerOptions, "serve a folder without a configuration file"],
     ]
 
     loaded: Loaded
 
     def postOptions(self) -> None:
         try:
-            if self.subCommand == "proxy":
+            if self.subCommand in ("proxy", "file-server"):
                 if self["config"]:
-                    raise usage.UsageError("-c and the proxy sub-command exclude each other")
+                    raise usage.UsageError(f"-c and the {self.subCommand} sub-command exclude each other")
                 self.loaded = load_text(self.subOptions.to_toml(), "<command line>.toml")
             elif self["config"]:
                 self.loaded = load_config(self["config"])

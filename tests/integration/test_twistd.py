@@ -163,3 +163,37 @@ async def test_daemon_mode_writes_pidfile(tmp_path: Path) -> None:
             break
         await deferLater(0.1)
     assert not pidfile.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_server_subcommand(tmp_path: Path) -> None:
+    """`twistd -n wmproxy file-server -b ADDR -r ROOT --browse` serves files and listings; bad root → exit 1."""
+    root = tmp_path / "www"
+    (root / "sub").mkdir(parents=True)
+    (root / "hello.txt").write_bytes(b"hello from disk\n")
+    port = free_port()
+    out, err, code = await twistd("wmproxy", "--check", "file-server", "-b", f"127.0.0.1:{port}", "-r", str(root))
+    assert code == 0 and f"file server of {root} on 127.0.0.1:{port}".encode() in out, err
+    out, err, code = await twistd("wmproxy", "--check", "file-server", "-r", str(tmp_path / "nope"))
+    assert code != 0 and b"is not a folder" in out + err
+    proc = _Proc()
+    p = reactor.spawnProcess(proc, TWISTD, [TWISTD, "-n", "--pidfile=", "wmproxy", "file-server", "-b",
+                                           f"127.0.0.1:{port}", "-r", str(root), "--browse"],
+                             env=ENV, path=str(tmp_path))
+    try:
+        await _wait_port(port)
+        out, err, code = await run("curl", "-sS", f"http://127.0.0.1:{port}/hello.txt")
+        assert code == 0 and out == b"hello from disk\n", err
+        out, err, code = await run("curl", "-sS", f"http://127.0.0.1:{port}/")
+        assert code == 0 and b"hello.txt" in out and b"sub/" in out, err
+        out, _e, _c = await run("curl", "-s", "--path-as-is", "-o", "/dev/null", "-w", "%{http_code}",
+                                f"http://127.0.0.1:{port}/../../etc/passwd")
+        assert out == b"400"
+    finally:
+        try:
+            p.signalProcess("TERM")
+        except error.ProcessExitedAlready:
+            pass
+        code = await proc.ended
+    assert code in (0, -15), proc.err
+    assert b"Traceback" not in proc.err

@@ -268,3 +268,28 @@ def test_rate_limited_file_body_is_paced(tree: Path) -> None:
     assert len(r.body) == before
     gate.stopProducing()  # the client left
     assert not clock.getDelayedCalls()
+
+
+def test_file_server_config_keys_and_wmproxy_spellings() -> None:
+    """gzip/gzip_min_length default on/1k; wmproxy's precompressed list and disable_compress are read."""
+    from wmproxy_tw.config import load_text
+
+    base = '[http]\n[[http.server]]\nbind_addr = "127.0.0.1:0"\n[[http.server.location]]\n'
+    fs = load_text(base + "file_server = { browse = true }\n", "a.toml").config.http.server[0].location[0].file_server
+    assert fs.gzip and fs.gzip_min_length == 1024 and not fs.precompressed
+    fs = load_text(base + 'file_server = { precompressed = ["gzip", "br"], disable_compress = true,'
+                   ' gzip_min_length = "4k" }\n', "b.toml").config.http.server[0].location[0].file_server
+    assert fs.precompressed and not fs.gzip and fs.gzip_min_length == 4096
+
+
+def test_standalone_servers() -> None:
+    """Interim: only a server whose one '/' location is a plain file_server is served without the pipeline."""
+    from wmproxy_tw.config import load_text
+    from wmproxy_tw.reverse.files import standalone
+
+    base = '[http]\n[[http.server]]\nbind_addr = "127.0.0.1:0"\n[[http.server.location]]\nrule = "/"\n'
+    ok = load_text(base + 'file_server = { root = "/srv" }\n', "a.toml").config.http.server[0]
+    assert standalone(ok)
+    for extra in ('try_paths = "{path} =404"\n', 'allow_ip = "10.0.0.0/8"\n', 'proxy_url = "http://x"\n'):
+        srv = load_text(base + 'file_server = { root = "/srv" }\n' + extra, "b.toml").config.http.server[0]
+        assert not standalone(srv), extra

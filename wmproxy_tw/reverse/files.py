@@ -38,7 +38,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from ..config.grammar import Rate
-from ..config.model import FileServer, Location
+from ..config.model import FileServer, HttpServer, Location
 from ..limits import Throttle, connection_bucket
 from .conditional import (
     RangeResult,
@@ -52,8 +52,8 @@ from .conditional import (
 from .http2 import use_guarded_h2
 from .mime import MimeTable, compressible
 
-__all__ = ["FileCache", "FileHandler", "FileResource", "FileSender", "PathError", "as_raw", "file_site",
-           "split_path"]
+__all__ = ["FileCache", "FileHandler", "FileResource", "FileSender", "PathError", "as_raw", "file_root",
+           "file_site", "split_path", "standalone", "standalone_site"]
 
 _log = Logger()
 
@@ -760,3 +760,30 @@ def file_site(config: FileServer, root: str | None, clock: IReactorTime, *,
     site.noisy = False
     site.displayTracebacks = False
     return use_guarded_h2(site)
+
+
+# ------------------------------------------------- interim: [http] servers of files only
+
+def standalone(srv: HttpServer) -> bool:
+    """Interim (until the reverse pipeline serves ``[http]``): a server whose
+    only location is ``rule = "/"`` with a plain ``file_server`` — what the
+    ``file-server`` quick mode writes — can be served by :func:`standalone_site`."""
+    if srv.bind_ssl or len(srv.location) != 1:
+        return False
+    loc = srv.location[0]
+    return (loc.rule == "/" and loc.file_server is not None and not loc.proxy_url
+            and loc.static_response is None and not loc.try_paths and loc.limit_req is None
+            and not loc.allow_ip and not loc.deny_ip and not loc.headers)
+
+
+def file_root(srv: HttpServer) -> str:
+    loc = srv.location[0]
+    assert loc.file_server is not None
+    return os.path.realpath(loc.file_server.root or loc.root or ".")
+
+
+def standalone_site(srv: HttpServer, clock: IReactorTime) -> server.Site:
+    loc = srv.location[0]
+    assert loc.file_server is not None
+    timeout = loc.client_keepalive_timeout or 60.0
+    return file_site(loc.file_server, loc.root, clock, rate_limit=loc.rate_limit, timeout=timeout)
