@@ -57,6 +57,7 @@ def make_tree(base: Path) -> Path:
     os.symlink("../..", root / "sub" / "link-up")
     os.symlink(root / "a.txt", root / "link-inside")
     os.symlink(base / "rootsecret", root / "docs" / "outdir")
+    os.symlink("loop", root / "loop")  # a link to itself
     for p in sorted(root.rglob("*"), reverse=True):
         if not p.is_symlink() and not p.is_fifo():
             os.utime(p, (OLD, OLD))

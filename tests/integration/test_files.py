@@ -112,7 +112,7 @@ TRAVERSALS = [
     "/..%2f..%2f..%2f..%2f..%2f..%2fetc/passwd", "/%2f%2e%2e%2fsecret.txt", "../secret.txt",
     "http://127.0.0.1/../secret.txt", "/sub/..%2f..%2fsecret.txt", "/%2e%2e%5csecret.txt",
     "/docs/outdir/secret.txt", "/docs/outdir/", "/escape/", "/%2e%2e", "/sub/link-up/",
-    "/fifo", "/.env", "/%2e%65%6e%76",
+    "/fifo", "/.env", "/%2e%65%6e%76", "/loop", "/loop/x",
 ]
 
 
@@ -365,3 +365,36 @@ async def test_limit_req_real_sockets(tree: Path) -> None:
         assert other.status == 200
     finally:
         await defer.maybeDeferred(port.stopListening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_shrinking_mid_download_aborts(start: Any, tmp_path: Path) -> None:
+    """A file cut short while it is sent: the connection is aborted, never a short body passed as whole."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    big = tmp_path / "root" / "shrinks.bin"
+    big.touch()
+    os.truncate(big, 64 * 1024 * 1024)
+    s = start()
+
+    class Cutter(Protocol):
+        def __init__(self) -> None:
+            self.got = 0
+            self.done: defer.Deferred[None] = defer.Deferred()
+
+        def connectionMade(self) -> None:
+            self.transport.write(b"GET /shrinks.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+
+        def dataReceived(self, data: bytes) -> None:
+            if self.got == 0:
+                os.truncate(big, 1024 * 1024)
+            self.got += len(data)
+
+        def connectionLost(self, reason: object = None) -> None:
+            self.done.callback(None)
+
+    proto = await TCP4ClientEndpoint(reactor, "127.0.0.1", s.n).connect(Factory.forProtocol(Cutter))
+    await proto.done
+    assert proto.got < 64 * 1024 * 1024  # the connection ended early: the client knows the body is short

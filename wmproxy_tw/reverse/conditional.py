@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import calendar
 import email.utils
+import functools
 from dataclasses import dataclass
 
 __all__ = [
@@ -39,9 +40,14 @@ def make_etag(mtime: float, size: int, weak: bool = False) -> str:
     return "W/" + tag if weak else tag
 
 
+@functools.lru_cache(maxsize=4096)
+def _http_date(ts: int) -> str:
+    return email.utils.formatdate(ts, usegmt=True)
+
+
 def http_date(ts: float) -> str:
     """An IMF-fixdate (``Sun, 06 Nov 1994 08:49:37 GMT``)."""
-    return email.utils.formatdate(int(ts), usegmt=True)
+    return _http_date(int(ts))
 
 
 def parse_http_date(value: str) -> int | None:

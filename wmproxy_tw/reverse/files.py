@@ -288,6 +288,8 @@ def _human(size: int) -> str:
 
 
 _TEXT = "text/plain; charset=utf-8"
+_CONDITIONAL = (b"accept-encoding", b"range", b"if-range", b"if-match", b"if-none-match",
+                b"if-modified-since", b"if-unmodified-since")
 _REASONS = {301: "Moved Permanently", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 412: "Precondition Failed", 416: "Range Not Satisfiable"}
 
@@ -341,17 +343,31 @@ class FileHandler:
                 return True
         return False
 
-    def _real(self, segments: list[str]) -> str:
-        """The file system path of ``segments``; PathError(404) if it leaves the root."""
+    def _lookup(self, segments: list[str]) -> tuple[str, os.stat_result | None]:
+        """The file system path of ``segments`` and its stat (None: missing).
+
+        PathError(404) if hidden or if it leaves the root.  One ``lstat`` per
+        segment under the (already real) root; only a path with a symbolic link
+        in it is resolved with ``realpath`` and checked against the root.
+        """
         if self._hidden(segments):
             raise PathError(404, "hidden")
-        full = os.path.join(self.root, *segments)
         if self.config.follow_symlinks:
-            return full
-        real = os.path.realpath(full)
-        if not _inside(real, self.root):
-            raise PathError(404, "leaves the root")
-        return real
+            full = os.path.join(self.root, *segments)
+            return full, self._stat(full)
+        path, st = self.root, None
+        for seg in segments:
+            path = os.path.join(path, seg)
+            try:
+                st = os.lstat(path)
+            except (OSError, ValueError):
+                return path, None
+            if stat.S_ISLNK(st.st_mode):
+                real = os.path.realpath(os.path.join(self.root, *segments))
+                if not _inside(real, self.root):
+                    raise PathError(404, "leaves the root")
+                return real, self._stat(real)
+        return path, st if st is not None else self._stat(path)
 
     def _stat(self, path: str) -> os.stat_result | None:
         try:
@@ -359,13 +375,12 @@ class FileHandler:
         except (OSError, ValueError):
             return None
 
-    def _index_of(self, directory: str, segments: list[str]) -> tuple[str, os.stat_result] | None:
+    def _index_of(self, segments: list[str]) -> tuple[str, os.stat_result] | None:
         for name in self.index:
             try:
-                real = self._real(segments + [name])
+                real, st = self._lookup(segments + [name])
             except PathError:
                 continue
-            st = self._stat(real)
             if st is not None and stat.S_ISREG(st.st_mode):
                 return real, st
         return None
@@ -375,14 +390,13 @@ class FileHandler:
         names a directory with an index file or a listing; others a regular file."""
         try:
             segments, slash = split_path(as_raw(path, encoded), self.prefix)
-            real = self._real(segments)
+            _real, st = self._lookup(segments)
         except PathError:
             return False
-        st = self._stat(real)
         if st is None:
             return False
         if stat.S_ISDIR(st.st_mode):
-            return slash and (self.config.browse or self._index_of(real, segments) is not None)
+            return slash and (self.config.browse or self._index_of(segments) is not None)
         return stat.S_ISREG(st.st_mode) and not slash
 
     # -- answering ---------------------------------------------------------------
@@ -417,15 +431,14 @@ class FileHandler:
             self._bytes(request, 200, self.config.robots.encode(), _TEXT)
             return
         segments, slash = split_path(raw, self.prefix)
-        real = self._real(segments)
-        st = self._stat(real)
+        real, st = self._lookup(segments)
         if st is None:
             raise PathError(404, "not found")
         if stat.S_ISDIR(st.st_mode):
             if not slash:
                 self._redirect_slash(request, raw)
                 return
-            found = self._index_of(real, segments)
+            found = self._index_of(segments)
             if found is not None:
                 self._file(request, method, found[0], found[1])
             elif self.config.browse:
@@ -450,8 +463,12 @@ class FileHandler:
         return None
 
     def _file(self, request: Any, method: str, real: str, st: os.stat_result) -> None:
-        headers = {k.decode("latin-1").lower(): b", ".join(v).decode("latin-1")
-                   for k, v in request.requestHeaders.getAllRawHeaders()}
+        raw_headers = request.requestHeaders
+        headers = {}
+        for name in _CONDITIONAL:
+            values = raw_headers.getRawHeaders(name)
+            if values:
+                headers[name.decode()] = b", ".join(values).decode("latin-1")
         mime = self.mime(real)
         accepted = accepted_encodings(headers.get("accept-encoding"))
         encoding: str | None = None
@@ -636,7 +653,7 @@ class FileHandler:
     def _page404(self, request: Any) -> bool:
         try:
             segments, _ = split_path(_raw_bytes(self.config.path404 or ""))
-            real = self._real(segments)
+            real, _st = self._lookup(segments)
             f = self._open(real)
         except (PathError, OSError):
             return False
@@ -759,6 +776,7 @@ def file_site(config: FileServer, root: str | None, clock: IReactorTime, *,
                        timeout=timeout)
     site.noisy = False
     site.displayTracebacks = False
+    site.log = lambda request: None  # no twisted.web access line per request (the pipeline has access_log)
     return use_guarded_h2(site)
 
 

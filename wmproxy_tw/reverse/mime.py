@@ -65,22 +65,26 @@ def compressible(mime: str) -> bool:
     return base.startswith("text/") or base in _COMPRESSIBLE_APP
 
 
+def _with_charset(mime: str) -> str:
+    if "charset" not in mime and (mime.startswith("text/") or mime in (
+            "application/json", "application/javascript", "application/xml")):
+        return mime + "; charset=utf-8"
+    return mime
+
+
 class MimeTable:
     """Extension → Content-Type, with per-location overrides and a default."""
 
     def __init__(self, overrides: Mapping[str, str] | None = None,
                  default: str = "application/octet-stream") -> None:
-        self.types = dict(MIME_TYPES)
+        types = dict(MIME_TYPES)
         for ext, mime in (overrides or {}).items():
-            self.types[ext.lower().lstrip(".")] = mime
-        self.default = default
+            types[ext.lower().lstrip(".")] = mime
+        self.types = {ext: _with_charset(mime) for ext, mime in types.items()}
+        self.default = _with_charset(default)
 
     def __call__(self, name: str) -> str:
         """The Content-Type for a file name; text types say charset=utf-8."""
         base = name.rsplit("/", 1)[-1]
         ext = base.rsplit(".", 1)[1].lower() if "." in base.lstrip(".") else ""
-        mime = self.types.get(ext, self.default)
-        if "charset" not in mime and (mime.startswith("text/") or mime in (
-                "application/json", "application/javascript", "application/xml")):
-            mime += "; charset=utf-8"
-        return mime
+        return self.types.get(ext, self.default)
