@@ -49,7 +49,7 @@ from .conditional import (
     parse_range,
     preconditions,
 )
-from .http2 import use_guarded_h2
+from .http2 import serve_h2
 from .mime import MimeTable, compressible
 
 __all__ = ["FileCache", "FileHandler", "FileResource", "FileSender", "PathError", "as_raw", "file_root",
@@ -777,7 +777,7 @@ def file_site(config: FileServer, root: str | None, clock: IReactorTime, *,
     site.noisy = False
     site.displayTracebacks = False
     site.log = lambda request: None  # no twisted.web access line per request (the pipeline has access_log)
-    return use_guarded_h2(site)
+    return serve_h2(site, clock)
 
 
 # ------------------------------------------------- interim: [http] servers of files only

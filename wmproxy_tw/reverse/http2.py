@@ -29,18 +29,32 @@ so a request whose stream the client reset *in the same batch* (exactly what
 a Rapid Reset attack sends) was still processed, and a handler answering at
 once wrote headers on a stream hyper-h2 had already closed — an unhandled
 ``StreamIDTooLowError``, then a ``KeyError`` that dropped the connection
-without the GOAWAY.  :class:`GuardedH2Connection` skips such requests;
-:class:`ChannelProtocol` is the Site protocol that uses it (set
-``site.protocol = ChannelProtocol.build``, as :func:`use_guarded_h2` does).
+without the GOAWAY.  ``GuardedH2Connection`` (:func:`guarded_h2_class`)
+skips such requests and the rest of a batch after GOAWAY; :class:`ALPNSwitch`
+is the per-connection protocol that becomes it (``h2``) or any HTTP/1.1
+channel; :func:`serve_h2` makes a twisted.web Site use the switch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IProtocol,
+    IReactorTime,
+    ISSLTransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..listen import StartupError
 
-__all__ = ["ALPN_H1", "ALPN_H2", "alpn_for", "check_http2", "h2_available", "use_guarded_h2"]
+__all__ = ["ALPN_H1", "ALPN_H2", "ALPNSwitch", "alpn_for", "check_http2", "guarded_h2_class", "h2_available",
+           "h2_connection", "serve_h2"]
 
 ALPN_H1: tuple[bytes, ...] = (b"http/1.1",)
 ALPN_H2: tuple[bytes, ...] = (b"h2", b"http/1.1")
@@ -72,10 +86,15 @@ def check_http2(where: str, http2: bool, tls: bool) -> list[str]:
     return []
 
 
-def _guarded_classes() -> tuple[Any, Any]:
-    """Built on first use: importing twisted.web._http2 needs h2 installed."""
+_GUARDED: list[Any] = []
+
+
+def guarded_h2_class() -> Any:
+    """:class:`GuardedH2Connection` (built on first use: importing
+    twisted.web._http2 needs h2 installed)."""
+    if _GUARDED:
+        return _GUARDED[0]
     from h2.connection import ConnectionState
-    from twisted.web import http
     from twisted.web._http2 import H2Connection
 
     class GuardedH2Connection(H2Connection):  # type: ignore[misc]
@@ -108,40 +127,94 @@ def _guarded_classes() -> tuple[Any, Any]:
             if not self._closed() and event.stream_id in self.streams:
                 super()._requestAborted(event)
 
-    class ChannelProtocol(http._GenericHTTPChannelProtocol):  # type: ignore[misc]
-        """twisted.web's HTTP/1.1-or-HTTP/2 channel, with :class:`GuardedH2Connection`."""
-
-        @classmethod
-        def build(cls) -> Any:
-            """What ``Site.protocol`` must be: called with no argument per connection."""
-            return cls(http.HTTPChannel())
-
-        def dataReceived(self, data: bytes) -> Any:
-            if self._negotiatedProtocol is None and \
-                    getattr(self._channel.transport, "negotiatedProtocol", None) == b"h2":
-                # Twisted's own switch (http._GenericHTTPChannelProtocol.dataReceived),
-                # with the guarded connection class.
-                producer = self._channel._networkProducer
-                producer.unregisterProducer()
-                self._channel.setTimeout(None)
-                transport = self._channel.transport
-                self._channel = GuardedH2Connection()
-                self._channel.requestFactory = self._requestFactory
-                self._channel.site = self._site
-                self._channel.factory = self._factory
-                self._channel.timeOut = self._timeOut
-                self._channel.callLater = self._callLater
-                self._channel.makeConnection(transport)
-                producer.registerProducer(self._channel, True)
-                self._negotiatedProtocol = b"h2"
-            return super().dataReceived(data)
-
-    return GuardedH2Connection, ChannelProtocol
+    _GUARDED.append(GuardedH2Connection)
+    return GuardedH2Connection
 
 
-def use_guarded_h2(site: Any) -> Any:
-    """Make a twisted.web Site build :class:`ChannelProtocol` (when h2 is
-    available; plain Twisted otherwise, which then never negotiates h2)."""
+def h2_connection(site: Any, clock: IReactorTime) -> Any:
+    """A guarded H2Connection serving ``site`` (its ``requestFactory``, ``timeOut``)."""
+    conn = guarded_h2_class()(clock)
+    conn.requestFactory = site.requestFactory
+    conn.site = site
+    conn.factory = site
+    conn.timeOut = site.timeOut
+    conn.callLater = clock.callLater
+    return conn
+
+
+@implementer(IProtocol, IHandshakeListener)
+class ALPNSwitch(Protocol):
+    """The protocol of one TLS connection that may speak HTTP/2.
+
+    It waits for the TLS handshake (bounded by ``handshake_timeout``), then
+    becomes the guarded H2 connection if ALPN chose ``h2``, else the HTTP/1.1
+    protocol ``h1()`` builds, and passes everything on to it.  Use it as a
+    Site's ``buildProtocol`` result (see :func:`serve_h2`), or in any factory:
+    ``ALPNSwitch(site, lambda: MyHTTP11Channel(...), clock)``.
+    """
+
+    def __init__(self, site: Any, h1: Callable[[], Any], clock: IReactorTime,
+                 handshake_timeout: float | None = 10.0) -> None:
+        self.site = site
+        self.h1 = h1
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+        self.chosen: Any = None
+        self._timer: IDelayedCall | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.connected = 1
+        if not ISSLTransport.providedBy(transport):
+            self._choose()  # cleartext: HTTP/1.1 only
+        elif self.handshake_timeout:
+            self._timer = self.clock.callLater(self.handshake_timeout, self._too_slow)
+
+    def handshakeCompleted(self) -> None:
+        self._choose()
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        if self.chosen is None:
+            self.transport.abortConnection()
+
+    def _choose(self) -> None:
+        if self.chosen is not None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            self.chosen = h2_connection(self.site, self.clock)
+            self.chosen.makeConnection(self.transport)
+            self.transport.registerProducer(self.chosen, True)
+        else:
+            self.chosen = self.h1()
+            self.chosen.makeConnection(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._choose()
+        self.chosen.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = 0
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.chosen is not None:
+            self.chosen.connectionLost(reason)
+
+    def __getattr__(self, name: str) -> Any:
+        # IHalfCloseableProtocol and friends of the chosen protocol
+        chosen = self.__dict__.get("chosen")
+        if chosen is None:
+            raise AttributeError(name)
+        return getattr(chosen, name)
+
+
+def serve_h2(site: Any, clock: IReactorTime) -> Any:
+    """Make a twisted.web Site (behind a TLS factory offering ``h2``) answer
+    HTTP/2 with the guarded connection, HTTP/1.1 with its own channel."""
     if h2_available():
-        site.protocol = _guarded_classes()[1].build
+        h1 = site.buildProtocol
+        site.buildProtocol = lambda addr: ALPNSwitch(site, lambda: h1(addr), clock)
     return site
