@@ -25,6 +25,15 @@ async def start_proxy(text: str) -> ProxyService:
     return svc
 
 
+def free_port() -> int:
+    """A loopback port free right now (for programs that must be told their port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def bound_port(svc: ProxyService, kind: str = "tcp", index: int = 0) -> int:
     listeners = [lst for (k, _a), lst in svc.registry.listeners.items() if k == kind]
     return listeners[index].bound.port

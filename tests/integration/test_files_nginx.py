@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import ProcessProtocol, Protocol
 
 from ..filetree import make_tree, serve
-from ..helpers import ENV, deferLater
+from ..helpers import ENV, deferLater, free_port
 from ..httpraw import Response, get
 
 pytestmark = [
@@ -52,12 +51,6 @@ class _Quiet(ProcessProtocol):
         self.ended.callback(None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _wait_listening(port: int, seconds: float = 10.0) -> None:
     for _ in range(int(seconds / 0.05)):
         try:
@@ -74,7 +67,7 @@ async def nginx(tmp_path: Path) -> Any:
     root = make_tree(tmp_path)
     run = tmp_path / "nginx"
     run.mkdir()
-    port = _free_port()
+    port = free_port()
     conf = run / "nginx.conf"
     # workers of a root master run as "nobody" and could not read pytest's private tmp folders
     user = "user root;" if os.geteuid() == 0 else ""

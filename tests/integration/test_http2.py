@@ -91,15 +91,20 @@ class H2Client(Protocol):
         return next((e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)), None)
 
 
-async def _attack(port: int, attack: Any) -> H2Client:
-    ep = wrapClientTLS(client_creator("h2.test", verify=False, alpn=[b"h2"]),
-                       TCP4ClientEndpoint(reactor, "127.0.0.1", port))
-    proto: H2Client = await ep.connect(Factory.forProtocol(lambda: H2Client(attack)))
-    timeout = reactor.callLater(10, proto.transport.abortConnection)
-    await proto.closed
-    if timeout.active():
-        timeout.cancel()
-    return proto
+async def _attack(tmp_path: Path, attack: Any) -> H2Client:
+    """Serve a tree over TLS with h2, run ``attack(h2conn)`` from a raw client, return it once closed."""
+    port = tls_site(tmp_path, make_tree(tmp_path))
+    try:
+        ep = wrapClientTLS(client_creator("h2.test", verify=False, alpn=[b"h2"]),
+                           TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port))
+        proto: H2Client = await ep.connect(Factory.forProtocol(lambda: H2Client(attack)))
+        timeout = reactor.callLater(10, proto.transport.abortConnection)
+        await proto.closed
+        if timeout.active():
+            timeout.cancel()
+        return proto
+    finally:
+        await defer.maybeDeferred(port.stopListening)
 
 
 HEADERS = [(":method", "GET"), (":path", "/a.txt"), (":scheme", "https"), (":authority", "h2.test")]
@@ -108,19 +113,13 @@ HEADERS = [(":method", "GET"), (":path", "/a.txt"), (":scheme", "https"), (":aut
 @pytest_twisted.ensureDeferred
 async def test_rapid_reset_flood_gets_goaway(tmp_path: Path) -> None:
     """2000 streams opened and reset at once (CVE-2023-44487): GOAWAY ENHANCE_YOUR_CALM, then close."""
-    root = make_tree(tmp_path)
-    port = tls_site(tmp_path, root)
-
     def rapid_reset(conn: Any) -> None:
         for i in range(2000):
             sid = 2 * i + 1
             conn.send_headers(sid, HEADERS, end_stream=True)
             conn.reset_stream(sid)
 
-    try:
-        client = await _attack(port.getHost().port, rapid_reset)
-    finally:
-        await defer.maybeDeferred(port.stopListening)
+    client = await _attack(tmp_path, rapid_reset)
     goaway = client.goaway()
     assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
@@ -128,19 +127,13 @@ async def test_rapid_reset_flood_gets_goaway(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_too_many_concurrent_streams_closes(tmp_path: Path) -> None:
     """Opening more than the advertised 100 concurrent streams ends the connection (GOAWAY PROTOCOL_ERROR)."""
-    root = make_tree(tmp_path)
-    port = tls_site(tmp_path, root)
-
     def many_streams(conn: Any) -> None:
         conn.local_settings.max_concurrent_streams = 1000  # pretend; the server's limit still applies
         conn.remote_settings.max_concurrent_streams = 1000
         for i in range(300):
             conn.send_headers(2 * i + 1, HEADERS, end_stream=False)  # left open: no END_STREAM
 
-    try:
-        client = await _attack(port.getHost().port, many_streams)
-    finally:
-        await defer.maybeDeferred(port.stopListening)
+    client = await _attack(tmp_path, many_streams)
     goaway = client.goaway()
     assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
     assert goaway.last_stream_id <= 2 * 100 + 1  # no stream beyond the 100th was accepted

@@ -6,23 +6,18 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, error, protocol, reactor
 
-from ..helpers import ENV, deferLater, origin, run
+from ..helpers import ENV, deferLater, free_port, origin, run
 
 pytestmark = pytest.mark.integration
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def twistd(*args: str) -> tuple[bytes, bytes, int]:
@@ -104,6 +99,17 @@ class _Proc(protocol.ProcessProtocol):
         self.ended.callback(code if code is not None else -getattr(value, "signal", 0))
 
 
+async def _stop(p: Any, proc: _Proc) -> None:
+    """SIGTERM a twistd child; it must exit cleanly, without a traceback."""
+    try:
+        p.signalProcess("TERM")
+    except error.ProcessExitedAlready:
+        pass
+    code = await proc.ended
+    assert code in (0, -15), proc.err
+    assert b"Traceback" not in proc.err
+
+
 async def _wait_port(port: int, seconds: float = 20.0) -> None:
     for _ in range(int(seconds * 10)):
         with socket.socket() as s:
@@ -130,14 +136,8 @@ async def test_proxy_subcommand_serves_in_foreground(tmp_path: Path) -> None:
         out, _e, _c = await run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{port}", url)
         assert out == b"407"
     finally:
-        try:
-            p.signalProcess("TERM")
-        except error.ProcessExitedAlready:
-            pass
-        code = await proc.ended
         await web.stopListening()
-    assert code in (0, -15), proc.err
-    assert b"Traceback" not in proc.err
+        await _stop(p, proc)
 
 
 @pytest_twisted.ensureDeferred
@@ -190,10 +190,4 @@ async def test_file_server_subcommand(tmp_path: Path) -> None:
                                 f"http://127.0.0.1:{port}/../../etc/passwd")
         assert out == b"400"
     finally:
-        try:
-            p.signalProcess("TERM")
-        except error.ProcessExitedAlready:
-            pass
-        code = await proc.ended
-    assert code in (0, -15), proc.err
-    assert b"Traceback" not in proc.err
+        await _stop(p, proc)
