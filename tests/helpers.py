@@ -136,6 +136,7 @@ WMPROXY = str(Path(sys.executable).with_name("wmproxy"))
 
 
 def free_port() -> int:
+    """A loopback port free right now (for programs that must be told their port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -154,10 +154,36 @@ class ReverseProxyOptions(usage.Options):
         ]) + "\n"
 
 
+class FileServerOptions(usage.Options):
+    """``twistd wmproxy file-server``: serve a folder without a file."""
+
+    synopsis = "-b ADDR -r ROOT [--browse]"
+    optParameters = [
+        ["bind", "b", "127.0.0.1:8080", "address to listen on"],
+        ["root", "r", ".", "folder to serve"],
+    ]
+    optFlags = [["browse", None, "list folders that have no index file"]]
+
+    def postOptions(self) -> None:
+        import os
+
+        root = os.path.abspath(self["root"])
+        if not os.path.isdir(root):
+            raise usage.UsageError(f"--root {self['root']!r} is not a folder")
+        self["root"] = root
+
+    def to_toml(self) -> str:
+        fs = f"root = {_quote(self['root'])}" + (", browse = true" if self["browse"] else "")
+        return "\n".join([
+            "[http]", "[[http.server]]", f"bind_addr = {_quote(self['bind'])}",
+            "[[http.server.location]]", 'rule = "/"', f"file_server = {{ {fs} }}",
+        ]) + "\n"
+
+
 class Options(usage.Options):
     """``twistd wmproxy [-c FILE] [--check] [SUBCOMMAND]``."""
 
-    synopsis = "[-c FILE] [--check] [proxy ... | ws-proxy ... | reverse-proxy ...]"
+    synopsis = "[-c FILE] [--check] [proxy ... | ws-proxy ... | reverse-proxy ... | file-server ...]"
     longdesc = "All-in-one proxy: forward, reverse, L4, WebSocket and NAT traversal."
     optParameters = [["config", "c", None, "configuration file (.toml, .yaml)"]]
     optFlags = [["check", None, "validate the configuration, print the listeners, exit"]]
@@ -165,6 +191,7 @@ class Options(usage.Options):
         ["proxy", None, ProxyOptions, "run a forward proxy without a configuration file"],
         ["ws-proxy", None, WsProxyOptions, "run one tcp2ws / ws2tcp bridge without a configuration file"],
         ["reverse-proxy", None, ReverseProxyOptions, "proxy one address to one upstream URL, no file"],
+        ["file-server", None, FileServerOptions, "serve a folder without a configuration file"],
     ]
 
     loaded: Loaded

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import error, reactor
+from twisted.internet import reactor
 
-from ..helpers import ENV, TWISTD, Running, deferLater, free_port, origin, run, wait_port
+from ..helpers import ENV, TWISTD, Running, deferLater, free_port, origin, run, spawn, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -87,8 +87,8 @@ async def test_proxy_subcommand_serves_in_foreground(tmp_path: Path) -> None:
     port = free_port()
     web = origin()
     proc = Running()
-    p = reactor.spawnProcess(proc, TWISTD, [TWISTD, "-n", "--pidfile=", "wmproxy", "proxy", "-b", f"127.0.0.1:{port}",
-                                           "--user", "u", "--pass", "p", "--no-control"], env=ENV, path=str(tmp_path))
+    reactor.spawnProcess(proc, TWISTD, [TWISTD, "-n", "--pidfile=", "wmproxy", "proxy", "-b", f"127.0.0.1:{port}",
+                                        "--user", "u", "--pass", "p", "--no-control"], env=ENV, path=str(tmp_path))
     try:
         await wait_port(port)
         url = f"http://127.0.0.1:{web.getHost().port}/sub"
@@ -97,11 +97,7 @@ async def test_proxy_subcommand_serves_in_foreground(tmp_path: Path) -> None:
         out, _e, _c = await run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{port}", url)
         assert out == b"407"
     finally:
-        try:
-            p.signalProcess("TERM")
-        except error.ProcessExitedAlready:
-            pass
-        code = await proc.ended
+        code = await proc.stop()
         await web.stopListening()
     assert code == 0, proc.err  # a graceful stop exits 0 (twistd does not re-raise SIGTERM)
     assert b"Traceback" not in proc.err
@@ -130,3 +126,31 @@ async def test_daemon_mode_writes_pidfile(tmp_path: Path) -> None:
             break
         await deferLater(0.1)
     assert not pidfile.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_server_subcommand(tmp_path: Path) -> None:
+    """`twistd -n wmproxy file-server -b ADDR -r ROOT --browse` serves files and listings; bad root → exit 1."""
+    root = tmp_path / "www"
+    (root / "sub").mkdir(parents=True)
+    (root / "hello.txt").write_bytes(b"hello from disk\n")
+    port = free_port()
+    out, err, code = await twistd("wmproxy", "--check", "file-server", "-b", f"127.0.0.1:{port}", "-r", str(root))
+    assert code == 0 and f"reverse proxy (http) on 127.0.0.1:{port}".encode() in out, err
+    out, err, code = await twistd("wmproxy", "--check", "file-server", "-r", str(tmp_path / "nope"))
+    assert code != 0 and b"is not a folder" in out + err
+    proc = spawn([TWISTD, "-n", "--pidfile=", "wmproxy", "file-server", "-b", f"127.0.0.1:{port}",
+                  "-r", str(root), "--browse"], cwd=tmp_path)
+    try:
+        await wait_port(port)
+        out, err, code = await run("curl", "-sS", f"http://127.0.0.1:{port}/hello.txt")
+        assert code == 0 and out == b"hello from disk\n", err
+        out, err, code = await run("curl", "-sS", f"http://127.0.0.1:{port}/")
+        assert code == 0 and b"hello.txt" in out and b"sub/" in out, err
+        out, _e, _c = await run("curl", "-s", "--path-as-is", "-o", "/dev/null", "-w", "%{http_code}",
+                                f"http://127.0.0.1:{port}/../../etc/passwd")
+        assert out == b"400"
+    finally:
+        code = await proc.stop()
+    assert code == 0, proc.err
+    assert b"Traceback" not in proc.err

@@ -361,6 +361,20 @@ class FileServer(Model):
     default_mimetype: str = "application/octet-stream"
     robots: Optional[str] = None
     follow_symlinks: bool = False
+    gzip: bool = True
+    gzip_min_length: Size = 1024
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wmproxy_spellings(cls, data: Any) -> Any:
+        # wmproxy: precompressed = ["gzip", "br"] (a list) and disable_compress = true.
+        if isinstance(data, dict):
+            data = dict(data)
+            if isinstance(data.get("precompressed"), (list, tuple)):
+                data["precompressed"] = bool(data["precompressed"])
+            if "disable_compress" in data and "gzip" not in data:
+                data["gzip"] = not data.pop("disable_compress")
+        return data
 
     @field_validator("index", "hide", mode="before")
     @classmethod
@@ -434,6 +448,11 @@ class Location(Common):
         for w in words:
             if w.startswith("=") and not (w[1:].isdigit() and 100 <= int(w[1:]) <= 599):
                 raise ValueError(f"bad final status {w!r} in try_paths: expected e.g. '=404'")
+            parts = w.split()
+            if len(parts) == 3:  # wmproxy's rewrite item 'REGEX INPUT REPLACEMENT'
+                _check_pattern("~" + parts[0])
+            elif len(parts) != 1:
+                raise ValueError(f"bad try_paths item {w!r}: expected a path or 'REGEX INPUT REPLACEMENT'")
         return v
 
 

@@ -49,10 +49,13 @@ from zope.interface import Attribute, Interface, implementer
 from ..balance import UpstreamGroup
 from ..balance.build import Target
 from ..config.grammar import IPSet
-from ..config.model import Config, HttpServer, Location
+from ..config.model import Config, FileServer, HttpServer, Location
 from ..headers import CompiledRule, Template, apply_header_rules, compile_rules, split_rules
+from ..limits import LimitReqStep, access_allowed
+from .files import FileHandler
 from .h1 import reason
 from .route import Rule
+from .trypaths import TryPaths, TryPathsHandler
 
 __all__ = [
     "IHandler",
@@ -151,7 +154,7 @@ def respond_error(request: Any, status: int, detail: str = "") -> None:
 
 @implementer(IStep)
 class AccessStep:
-    """``allow_ip`` / ``deny_ip`` → 403 (deny wins; an empty allow list allows all)."""
+    """``allow_ip`` / ``deny_ip`` → 403 (:func:`wmproxy_tw.limits.access_allowed` decides)."""
 
     def __init__(self, allow: IPSet, deny: IPSet) -> None:
         self.allow = allow
@@ -159,7 +162,7 @@ class AccessStep:
 
     def check(self, request: Any, ctx: LocationCtx) -> bool:
         ip = request.client_ip
-        if ip in self.deny or (self.allow and ip not in self.allow):
+        if not access_allowed(ip, self.allow, self.deny):
             _log.info("reverse proxy: {client} refused by allow_ip/deny_ip of {where}", client=ip, where=ctx.path)
             respond_error(request, 403)
             return False
@@ -208,6 +211,7 @@ class ProxyHandler:
         self.connect_timeout = loc.proxy_connect_timeout or 10.0
         self.read_timeout = loc.proxy_read_timeout or 60.0
         self.write_timeout = loc.proxy_write_timeout or 60.0
+        self.rate_limit = loc.rate_limit  # response bodies paced per client connection
         self.next_upstream = loc.proxy_next_upstream is not False
         self.ws_idle_timeout = max(loc.proxy_read_timeout or 60.0, loc.client_timeout or 60.0)
         spec = group.spec
@@ -235,41 +239,26 @@ def _has(value: Optional[str]) -> bool:
 def unsupported(config: Config) -> list[str]:
     """Keys of ``[http]`` that parse but are not served yet — refused at start-up.
 
-    The one list: the edge-features issue removes each entry as it lands.
+    The one list (empty now: every key of ``[http]`` is served); a key added
+    to the model before it is built goes here.
     """
-    out: list[str] = []
-    if config.http is None:
-        return out
-    seen: set[str] = set()
-
-    def note(what: str, where: str) -> None:
-        if what not in seen:
-            seen.add(what)
-            out.append(f"{what} ({where})")
-
-    for si, srv in enumerate(config.http.server):
-        if srv.http2:
-            note("http2", f"http.server[{si}]")
-        for li, loc in enumerate(srv.location):
-            where = f"http.server[{si}].location[{li}]"
-            if loc.file_server is not None or (not _has(loc.proxy_url) and loc.static_response is None
-                                               and _has(loc.root)):
-                note("file_server", where)
-            if loc.try_paths:
-                note("try_paths", where)
-            if loc.limit_req is not None:
-                note("limit_req", where)
-            if loc.rate_limit is not None:
-                note("rate_limit", where)
-    return out
+    return []
 
 
-def build_steps(loc: Location) -> list[Any]:
-    """The checks before the handler, in pipeline order."""
+def build_steps(loc: Location, env: Any) -> list[Any]:
+    """The checks before the handler, in pipeline order: access lists, then
+    ``limit_req`` (its zone from ``env.zones``, by name)."""
     steps: list[Any] = []
     if loc.allow_ip or loc.deny_ip:
         steps.append(AccessStep(loc.allow_ip or IPSet(), loc.deny_ip or IPSet()))
-    # limit_req goes here (edge-features issue).
+    rule = loc.limit_req
+    if rule is not None:
+        zone = env.zones.get(rule.zone)
+        if zone is None:
+            known = ", ".join(sorted(env.zones)) or "none"
+            raise ValueError(f"{env.where}.limit_req: no limit_req_zone named {rule.zone!r} (defined: {known})")
+        key = Template(zone.key_template)
+        steps.append(LimitReqStep(zone, rule, lambda request: key.render(request.vars, missing=""), env.clock))
     return steps
 
 
@@ -277,12 +266,30 @@ def build_handler(loc: Location, where: str, env: Any) -> Any:
     """The handler of a location; ValueError names what is wrong.
 
     ``env`` gives ``proxy_handler(loc, request_rules)`` (groups, pool and
-    TLS live there).
+    TLS live there), ``clock`` and ``file_cache`` (one per feature).
+    ``try_paths`` wraps whatever handler the location has.
     """
+    handler: Any
     if loc.static_response is not None:
-        return StaticResponseHandler(loc)
-    if _has(loc.proxy_url):
-        return env.proxy_handler(loc, split_rules(loc.headers or ())[0])
-    if loc.file_server is not None or _has(loc.root):
-        raise ValueError(f"{where}: not supported yet: file_server")
-    raise ValueError(f"{where}: nothing to serve: set proxy_url, static_response or file_server")
+        handler = StaticResponseHandler(loc)
+    elif _has(loc.proxy_url):
+        handler = env.proxy_handler(loc, split_rules(loc.headers or ())[0])
+    elif loc.file_server is not None or _has(loc.root):
+        if loc.file_server is None:  # a bare root: a file server with the defaults
+            loc = loc.model_copy(update={"file_server": FileServer()})
+        handler = FileHandler.from_location(loc, env.clock, env.file_cache)
+    else:
+        raise ValueError(f"{where}: nothing to serve: set proxy_url, static_response or file_server")
+    if loc.try_paths:
+        try:
+            tries = TryPaths.parse(loc.try_paths)
+        except ValueError as e:
+            raise ValueError(f"{where}.try_paths: {e}") from None
+        handler = TryPathsHandler(handler, tries, _expander)
+    return handler
+
+
+def _expander(request: Any) -> Any:
+    """``try_paths`` candidates: templates over the request's variables."""
+    lookup = request.vars
+    return lambda text: Template(text).render(lookup)

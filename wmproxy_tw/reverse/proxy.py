@@ -42,6 +42,7 @@ from zope.interface import implementer
 from ..connect import UpstreamError
 from ..forward.httphead import hop_by_hop_clean
 from ..headers import apply_header_rules
+from ..limits import Throttle, connection_bucket
 from ..relay import A, B, Splice
 from .h1 import reason, request_head
 from .handlers import IBodyReader, respond_error
@@ -147,6 +148,7 @@ class Exchange:
         self._counted = False
         self._pump: Optional[_BodyPump] = None
         self._reader: Optional[_ResponsePump] = None
+        self._out: Any = request  # the request, or a Throttle over it (rate_limit)
         self._write_timer: Any = None
         self._connecting: Any = None
 
@@ -303,12 +305,15 @@ class Exchange:
                              response_fields(head.headers))
         self._head_pending = True  # written with the first body bytes, or by upstream_flush
         self._reader = _ResponsePump(self.conn, self)
-        req.registerProducer(self._reader, True)
+        if self.h.rate_limit is not None:  # paced per client connection (limits.Throttle)
+            bucket = connection_bucket(req.channel, self.h.rate_limit, self.clock)
+            self._out = Throttle(req, bucket, self.clock)
+        self._out.registerProducer(self._reader, True)
 
     def upstream_data(self, data: bytes) -> None:
         req = self.request
         if not req._disconnected:
-            req.write(data)
+            self._out.write(data)
 
     def upstream_flush(self) -> None:
         """End of what one read brought: a head still unsent goes out now, as nginx
@@ -330,7 +335,7 @@ class Exchange:
         if self._reader is not None:
             self._reader = None
             if not req._disconnected:
-                req.unregisterProducer()
+                self._out.unregisterProducer()
         self._finish_member()
         if self.body_sent:
             self.h.pool.release(conn)
@@ -417,7 +422,7 @@ class Exchange:
             self._reader = None
             req = self.request
             if not req._disconnected and req.producer is not None:
-                req.unregisterProducer()
+                self._out.unregisterProducer()
         if conn is not None:
             conn.user = None
             conn.watch(None)

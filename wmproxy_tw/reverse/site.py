@@ -27,11 +27,14 @@ from ..config.grammar import Address
 from ..config.model import Config, Http, HttpServer, Location
 from ..headers import split_rules
 from ..feature import BuildContext, Feature, IFeature, ListenSpec
+from ..limits import build_zones
 from ..listen import StartupError
 from ..observe.accesslog import AccessLogError, AccessLogs
 from ..tls import TLSConfigError, client_creator, server_creator
 from .channel import HTTP11Channel, Limits
+from .files import FileCache
 from .handlers import LocationCtx, ProxyHandler, build_handler, build_steps, respond_error
+from .http2 import ALPNSwitch, alpn_for, check_http2
 from .request import ReverseRequest
 from .route import RouteInfo, VirtualHosts, compile_rule
 
@@ -73,14 +76,18 @@ class ReverseSite(server.Site):
     requestFactory = ReverseRequest  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, reactor: Any, vhosts: VirtualHosts[ServerCtx], limits: Limits, name: str) -> None:
+    def __init__(self, reactor: Any, vhosts: VirtualHosts[ServerCtx], limits: Limits, name: str,
+                 http2: bool = False) -> None:
         super().__init__(resource.Resource(), reactor=reactor)
         self.clock = reactor
         self.vhosts = vhosts
         self.limits = limits
         self.name = name
+        self.http2 = http2  # a TLS listener offering h2 by ALPN
 
-    def buildProtocol(self, addr: Any) -> HTTP11Channel:  # type: ignore[override]
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.http2:
+            return ALPNSwitch(self, lambda: HTTP11Channel(self, self.limits), self.clock)
         return HTTP11Channel(self, self.limits)
 
     def log(self, request: Any) -> None:
@@ -157,6 +164,9 @@ class ReverseFeature(Feature):
         self._tls_clients: dict[tuple[str, Optional[str], bool], Any] = {}
         self.sites: list[tuple[Address, bool, ReverseSite, Any, Optional[int]]] = []
         self.specs: list[ListenSpec] = []
+        self.notes: list[str] = []  # warnings shown by --check and logged at start
+        self.file_cache = FileCache()  # one per feature, shared by its file_server locations
+        self.zones = build_zones(http.limit_req_zone, ctx.reactor)
         try:
             self._build(http)
         except (AccessLogError, TLSConfigError, ValueError) as e:
@@ -203,7 +213,10 @@ class ReverseFeature(Feature):
             # The channel enforces the largest; each location its own, once routed.
             biggest = None if (not sizes or not all(sizes)) else max(s for s in sizes if s)
             limits = dataclasses.replace(limits_of(default), max_body_size=biggest)
-            site = ReverseSite(self.reactor, vhosts, limits, name)
+            http2 = any(s.config.http2 for s in servers)
+            for s in servers:
+                self.notes += check_http2(f"http.server[{s.index}]", s.config.http2, tls)
+            site = ReverseSite(self.reactor, vhosts, limits, name, http2=http2 and tls)
             factory: Any = site
             if tls:
                 pairs: list[tuple[str, str]] = []
@@ -211,7 +224,7 @@ class ReverseFeature(Feature):
                     pair = (s.config.cert, s.config.key)
                     if pair[0] and pair[1] and pair not in pairs:
                         pairs.append((pair[0], pair[1]))
-                factory = TLSMemoryBIOFactory(server_creator(pairs), False, site)
+                factory = TLSMemoryBIOFactory(server_creator(pairs, alpn=alpn_for(http2)), False, site)
                 factory.noisy = False
             self.sites.append((addr, tls, site, factory, default.max_connections))
             names = ", ".join(s.config.up_name or "(no name)" for s in servers)
@@ -229,14 +242,31 @@ class ReverseFeature(Feature):
         except AccessLogError as e:
             raise ValueError(f"{where}.access_log: {e}") from None
         req_rules, resp_rules = split_rules(loc.headers or ())
-        ctx = LocationCtx(where, loc, srv, rule, steps=build_steps(loc), request_rules=req_rules,
+        env = _Env(self, http, srv, loc, where)
+        ctx = LocationCtx(where, loc, srv, rule, steps=build_steps(loc, env), request_rules=req_rules,
                           response_rules=resp_rules, access_log=access_log)
-        ctx.handler = build_handler(loc, where, _Env(self, http, srv, loc, where))
+        ctx.handler = build_handler(loc, where, env)
         return ctx
 
     # -- running -------------------------------------------------------------------------
     def listeners(self) -> Iterable[ListenSpec]:
         return self.specs
+
+    def plan_notes(self) -> list[str]:
+        return list(self.notes)
+
+    def start(self) -> None:
+        for note in self.notes:
+            _log.warn("{note}", note=note)
+        super().start()
+
+    def carry_state_from(self, old: IFeature) -> None:
+        """Group health (by group name) and limit_req state (by zone name)."""
+        super().carry_state_from(old)
+        previous = getattr(old, "zones", {})
+        for name, zone in self.zones.items():
+            if name in previous:
+                zone.carry_state_from(previous[name])
 
     def stop(self) -> None:
         """Health checks stop; idle upstream connections close (busy ones when released).
@@ -262,6 +292,9 @@ class _Env:
         self.feature = feature
         self.scopes = (loc.upstream, srv.upstream, http.upstream)
         self.where = where
+        self.clock = feature.reactor
+        self.file_cache = feature.file_cache
+        self.zones = feature.zones
 
     def proxy_handler(self, loc: Location, request_rules: Any) -> ProxyHandler:
         url = loc.proxy_url or ""
