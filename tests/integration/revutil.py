@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.web import resource, server
 
-from ..helpers import ENV, deferLater
+from ..helpers import TWISTD, Running, free_port, spawn, wait_port
+
+__all__ = ["TWISTD", "free_port", "spawn", "wait_port"]  # re-exported for the reverse tests
 
 
 class Named(resource.Resource):
@@ -138,58 +138,6 @@ async def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     return got
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_port(port: int, timeout: float = 10.0) -> None:
-    """Wait until something listens on 127.0.0.1:port."""
-    for _ in range(int(timeout / 0.05)):
-        try:
-            p = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1), Protocol())
-            p.transport.loseConnection()
-            return
-        except Exception:  # noqa: BLE001 - not yet listening
-            await deferLater(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
-class Proc(ProcessProtocol):
-    """A long-running subprocess whose output is kept."""
-
-    def __init__(self) -> None:
-        self.out = b""
-        self.ended: defer.Deferred[int] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(getattr(reason.value, "exitCode", 1))
-
-    @property
-    def pid(self) -> int:
-        return int(self.transport.pid)
-
-    async def stop(self) -> int:
-        if not self.ended.called:
-            self.transport.signalProcess("TERM")
-        return await self.ended
-
-
-def spawn(argv: list[str], cwd: Optional[str] = None) -> Proc:
-    proc = Proc()
-    reactor.spawnProcess(proc, argv[0], argv, env=ENV, path=cwd)
-    return proc
-
-
-TWISTD = str(Path(sys.executable).with_name("twistd"))
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -244,7 +192,7 @@ http {{
 }}
 """
         (self.dir / "nginx.conf").write_text(conf)
-        self.proc: Optional[Proc] = None
+        self.proc: Optional[Running] = None
 
     async def start(self) -> "Nginx":
         self.proc = spawn(["/usr/sbin/nginx", "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir),

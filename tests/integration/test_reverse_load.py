@@ -184,7 +184,7 @@ async def test_200mb_both_ways_byte_identical_with_flat_memory(tmp_path: Path) -
         [[http.server.location]]
         proxy_url = "http://{o.addr}"
     """))
-    proxy = spawn([TWISTD, "-n", "--pidfile=", "wmproxy", "-c", str(conf)], cwd=str(tmp_path))
+    proxy = spawn([TWISTD, "-n", "--pidfile=", "wmproxy", "-c", str(conf)], cwd=tmp_path)
     samples: list[float] = []
     sampler = task.LoopingCall(lambda: samples.append(rss_mb(proxy.pid)))
     try:
@@ -206,7 +206,7 @@ async def test_200mb_both_ways_byte_identical_with_flat_memory(tmp_path: Path) -
                 break
             await deferLater(0.05)
         await deferLater(2.0)
-        assert 0 < reader.got < 20 * 1024 * 1024, proxy.out[-2000:]
+        assert 0 < reader.got < 20 * 1024 * 1024, proxy.err[-2000:]
         reader.transport.abortConnection()
         body, err, code = await run("curl", "-sS", "-T", str(www / "blob"), "-H", "Transfer-Encoding: chunked",
                                     f"{url}/upload")
@@ -214,7 +214,7 @@ async def test_200mb_both_ways_byte_identical_with_flat_memory(tmp_path: Path) -
         assert body.decode() == f"{digest} {size}\n"
         sampler.stop()
         assert max(samples) - baseline < 50, (baseline, max(samples))
-        assert b"Traceback" not in proxy.out and b"Unhandled" not in proxy.out, proxy.out[-3000:]
+        assert b"Traceback" not in proxy.err + proxy.out and b"Unhandled" not in proxy.err + proxy.out, proxy.err[-3000:]
     finally:
         if sampler.running:
             sampler.stop()
@@ -237,7 +237,7 @@ async def test_twistd_reverse_proxy_quick_mode() -> None:
         await wait_port(port)
         out, err, code = await run("curl", "-sS", f"http://127.0.0.1:{port}/hello?x=1")
         assert out == b"o GET /hello?x=1\n", err
-        assert b"Traceback" not in proxy.out
+        assert b"Traceback" not in proxy.err + proxy.out
     finally:
         await proxy.stop()
         await _stop(o)
