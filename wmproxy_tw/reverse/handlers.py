@@ -7,8 +7,8 @@ complete::
     location match (none → 404)
       → WebSocket upgrade to a location without is_ws → 403
       → the location's client_max_body_size → 413
-      → ctx.steps, in order: IStep.check(request, ctx)   (allow_ip/deny_ip → 403; limit_req …)
-      → ctx.handler: IHandler.render(request, ctx)       (proxy_url | static_response | file_server …)
+      → ctx.steps, in order: IStep.check(request, ctx)   (allow_ip/deny_ip → 403; limit_req → 503 or a delay)
+      → ctx.handler: IHandler.render(request, ctx)       (proxy_url | static_response | file_server, try_paths around it)
 
 The request is a :class:`~wmproxy_tw.reverse.request.ReverseRequest` (a
 twisted.web ``Request``: a handler may also hand it to a twisted.web
@@ -17,7 +17,7 @@ resource's ``render``); it adds ``vars`` (the {variables}), ``norm_path``,
 ``channel`` is the client connection
 (:class:`~wmproxy_tw.reverse.channel.HTTP11Channel`).
 
-Extending it (file_server, try_paths, limit_req of the edge-features issue):
+Extending it:
 
 * a new **handler** implements :class:`IHandler` and is chosen in
   :func:`build_handler` (a wrapper such as try_paths takes the inner handler);
