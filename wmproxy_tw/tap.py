@@ -279,6 +279,7 @@ def install_signal_handlers(reactor: Any, svc: Any) -> None:
     on(signal.SIGINT, svc.request_stop)
     on(signal.SIGHUP, reload)
     on(signal.SIGUSR1, reopen)
+    _log.info("signals: SIGHUP reloads, SIGTERM/SIGINT stop gracefully, SIGUSR1 reopens logs")
 
 
 def _twistd_logfile(handler: Any) -> logfile.LogFile | None:

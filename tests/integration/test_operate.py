@@ -276,6 +276,11 @@ async def test_sigusr1_reopens_a_log_moved_by_logrotate(tmp_path: Path) -> None:
     proc = run_twistd(conf, f"--logfile={log}")
     try:
         await wait_port(control)
+        # sockets are bound before the reactor runs; our signal handlers come just after
+        for _ in range(200):
+            if log.exists() and b"SIGUSR1 reopens logs" in log.read_bytes():
+                break
+            await deferLater(0.05)
         log.rename(tmp_path / "twistd.log.1")
         proc.signal("USR1")
         for _ in range(100):

@@ -43,6 +43,8 @@ def peer_pair(transport: Any) -> tuple[tuple[str, int] | None, tuple[str, int] |
 class UpstreamLeg(SpliceProtocol):
     """The upstream side of a relay; writes ``preamble`` (a PROXY header) before anything else."""
 
+    transport: Any
+
     def __init__(self, splice: Splice, side: int, preamble: bytes = b"") -> None:
         super().__init__(splice, side)
         self.preamble = preamble
@@ -73,6 +75,8 @@ class StreamFactory(Factory):
 @implementer(IHalfCloseableProtocol)
 class StreamProtocol(Protocol):
     """One client of a TCP stream server."""
+
+    transport: Any
 
     def __init__(self, factory: StreamFactory) -> None:
         self.f = factory

@@ -62,6 +62,8 @@ def grow_buffers(port: Any, size: int = SOCKET_BUFFER) -> None:
 class UdpSession(DatagramProtocol, TimeoutMixin):
     """One client's session: a connected upstream socket and its idle timer."""
 
+    transport: Any
+
     def __init__(self, relay: UdpRelay, client: Addr, member: Member) -> None:
         self.relay = relay
         self.client = client
@@ -159,6 +161,8 @@ class UdpSession(DatagramProtocol, TimeoutMixin):
 
 class UdpRelay(DatagramProtocol):
     """The listening side of one UDP ``[[stream.server]]``: the session table."""
+
+    transport: Any
 
     def __init__(self, reactor: Any, cfg: StreamServer, group: IUpstreamSelector) -> None:
         self.reactor = reactor

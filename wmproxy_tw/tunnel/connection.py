@@ -449,6 +449,8 @@ class TunnelConnection(Protocol):
     ``max_streams`` caps open streams, ``chunk`` is the largest ``DATA`` payload sent per turn.
     """
 
+    transport: Any
+
     def __init__(self, clock: IReactorTime, is_client: bool, *,
                  heartbeat_interval: float = 10.0, heartbeat_timeout: float = 30.0,
                  window: int = DEFAULT_WINDOW, max_streams: int = 1024,
@@ -753,6 +755,8 @@ def _code_name(code: int) -> str:
 
 class _StreamSplice(SpliceProtocol):
     """An accepted connection relayed to a new tunnel stream (side A: the socket)."""
+
+    transport: Any
 
     def __init__(self, factory: StreamSpliceFactory, addr: Any) -> None:
         super().__init__(Splice(factory.clock, idle_timeout=factory.idle_timeout), A)

@@ -78,6 +78,8 @@ class PublicHttpFactory(Factory):
 class PublicHttp(Protocol, TimeoutMixin):
     """One public HTTP connection."""
 
+    transport: Any
+
     def __init__(self, server: TunnelServer, scheme: str) -> None:
         self.server = server
         self.scheme = scheme
@@ -319,6 +321,8 @@ class PublicHttp(Protocol, TimeoutMixin):
 @implementer(IHalfCloseableProtocol)
 class StreamUpstream(Protocol):
     """The h11 client side of a request relayed over a tunnel stream."""
+
+    transport: Any
 
     def __init__(self, client: PublicHttp, route: Route, stream: TunnelStream) -> None:
         self.client = client

@@ -86,6 +86,8 @@ class OneProtocolFactory(Factory):
 class WsClientProtocol(BridgeWsMixin, WebSocketClientProtocol):
     """The WebSocket client of one tcp2ws connection."""
 
+    transport: Any
+
     def connectionMade(self) -> None:
         super().connectionMade()
         if self.bridge is not None:
@@ -128,6 +130,8 @@ class Tcp2WsFactory(Factory):
 
 class Tcp2WsProtocol(BridgeTcpProtocol):
     """One accepted TCP client: dial, open the WebSocket, bridge."""
+
+    transport: Any
 
     def __init__(self, factory: Tcp2WsFactory) -> None:
         self.f = factory

@@ -45,6 +45,8 @@ SUBPROTOCOLS = ("binary",)  # websockify's; chosen only when the client offers i
 class Ws2TcpProtocol(BridgeWsMixin, WebSocketServerProtocol):
     """One WebSocket client of a ws2tcp server."""
 
+    transport: Any
+
     factory: Ws2TcpFactory
     _dialing: Deferred[Dialed] | None = None
     _dialed: Dialed | None = None
