@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint, ITCPTransport
 from twisted.protocols.policies import WrappingFactory
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
@@ -101,7 +101,7 @@ class TargetPolicy:
 
 def quiet_factory(build: Callable[[], Protocol]) -> Factory:
     """A client factory that does not log "Starting factory" on every connection."""
-    f: Factory = Factory.forProtocol(build)  # type: ignore[arg-type]
+    f: Factory = Factory.forProtocol(build)
     f.noisy = False
     return f
 
@@ -185,9 +185,11 @@ class _Dial(ClientFactory):
             made()
             if not d.called:
                 d.callback(proto)  # type: ignore[arg-type]
-            elif proto.transport is not None:
+            else:
                 # the caller gave up (cancelled / timed out) before we connected
-                proto.transport.abortConnection()  # type: ignore[attr-defined]
+                transport = getattr(proto, "transport", None)  # not in IProtocol: a Protocol's
+                if ITCPTransport.providedBy(transport):
+                    transport.abortConnection()
 
         proto.connectionMade = connection_made  # type: ignore[method-assign]
         return proto  # type: ignore[return-value]

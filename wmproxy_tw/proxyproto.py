@@ -25,7 +25,7 @@ import struct
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, ITCPTransport, ITransport
 from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
@@ -187,15 +187,18 @@ def _checked(header: bytes, parse: Any) -> ProxyInfo:
 # -- accepting (Twisted glue) ---------------------------------------------------------
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, ITransport)
 class ProxyHeaderProtocol(HAProxyProtocolWrapper):
     """Reads the PROXY header of a trusted front, refuses one from anyone else.
 
     The wrapped protocol is connected once the header is read (trusted) or at
     once (untrusted); its ``getPeer()`` is then the client named by the header.
+    It is the wrapped protocol's transport (it also provides every interface
+    of its own transport, as any ``ProtocolWrapper``).
     """
 
     factory: ProxyProtocolFactory
+    transport: ITCPTransport  # the accepted TCP connection, set by makeConnection
 
     def makeConnection(self, transport: Any) -> None:
         directlyProvides(self, providedBy(transport))
@@ -218,10 +221,14 @@ class ProxyHeaderProtocol(HAProxyProtocolWrapper):
         self._started = True
         self.wrappedProtocol.makeConnection(self)
 
+    def _peer_host(self) -> str:
+        """The address the connection comes from (not the one a header names)."""
+        return str(getattr(self.transport.getPeer(), "host", "?"))
+
     def _too_slow(self) -> None:
         self._deadline = None
         _log.info("PROXY header from {peer} not received in {t}s: closed",
-                  peer=self.transport.getPeer().host, t=self.factory.timeout)
+                  peer=self._peer_host(), t=self.factory.timeout)
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -230,7 +237,7 @@ class ProxyHeaderProtocol(HAProxyProtocolWrapper):
                 got = self._reader.feed(data)
             except InvalidProxyHeader as e:
                 _log.info("bad PROXY header from {peer}: {why}: closed",
-                          peer=self.transport.getPeer().host, why=str(e) or "malformed")
+                          peer=self._peer_host(), why=str(e) or "malformed")
                 self._reader = None
                 self.transport.abortConnection()
                 return
@@ -253,7 +260,7 @@ class ProxyHeaderProtocol(HAProxyProtocolWrapper):
             if kind is None:
                 return  # still a prefix of a header signature (at most 12 bytes held)
             if kind:
-                _log.info("PROXY header from untrusted {peer}: closed", peer=self.transport.getPeer().host)
+                _log.info("PROXY header from untrusted {peer}: closed", peer=self._peer_host())
                 self._sniffed = None
                 self.transport.abortConnection()
                 return
@@ -287,7 +294,7 @@ class ProxyHeaderProtocol(HAProxyProtocolWrapper):
             self.wrappedProtocol.connectionLost(reason)
 
 
-class ProxyProtocolFactory(WrappingFactory):
+class ProxyProtocolFactory(WrappingFactory[ProxyHeaderProtocol]):
     """Wraps a listener's factory with PROXY protocol acceptance from ``trusted`` sources."""
 
     protocol = ProxyHeaderProtocol

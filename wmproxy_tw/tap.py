@@ -249,7 +249,7 @@ def makeService(options: Options) -> service.IService:
             _fail(str(e))
     svc.stopper = reactor.stop
     reactor.callWhenRunning(install_signal_handlers, reactor, svc)
-    return svc  # type: ignore[no-any-return]
+    return svc
 
 
 def install_signal_handlers(reactor: Any, svc: Any) -> None:

@@ -41,6 +41,13 @@ class Dialed:
             self._released = True
             self.group.connection_finished(self.member)
 
+    def close(self) -> None:
+        """Nobody wants the connection any more (its client left): close it, release the member."""
+        transport = self.protocol.transport
+        if transport is not None:
+            transport.loseConnection()
+        self.release()
+
 
 def dial(
     reactor: Any,

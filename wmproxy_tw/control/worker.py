@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as e:
         svc.abandon()
         return fail(str(e))
-    svc.stopper = reactor.stop  # type: ignore[attr-defined]
+    svc.stopper = reactor.stop
     channel = WorkerChannel(svc)
     StandardIO(channel, reactor=reactor)
 
@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             channel.dataReceived(rest)
 
-    reactor.callWhenRunning(running)  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(running)
+    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
+    reactor.run()
     return 0
 
 

@@ -768,13 +768,17 @@ class FileResource(resource.Resource):
         return self.handler.render(request)
 
 
+class _FileSite(server.Site):
+    noisy = False
+    displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        """No twisted.web access line per request (the pipeline has access_log)."""
+
+
 def file_site(config: FileServer, root: str | None, clock: IReactorTime, *,
               rate_limit: Rate | None = None, timeout: float = 60.0) -> server.Site:
     """A twisted.web Site that only serves files (tests; the reverse pipeline
     calls :class:`FileHandler` per location instead)."""
-    site = server.Site(FileResource(FileHandler(config, root, clock=clock, rate_limit=rate_limit)),
-                       timeout=timeout)
-    site.noisy = False
-    site.displayTracebacks = False
-    site.log = lambda request: None  # no twisted.web access line per request (the pipeline has access_log)
+    site = _FileSite(FileResource(FileHandler(config, root, clock=clock, rate_limit=rate_limit)), timeout=timeout)
     return serve_h2(site, clock)

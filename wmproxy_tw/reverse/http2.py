@@ -153,6 +153,8 @@ class ALPNSwitch(Protocol):
     ``ALPNSwitch(site, lambda: MyHTTP11Channel(...), clock)``.
     """
 
+    transport: Any  # TLS (ISSLTransport and a consumer) or cleartext TCP
+
     def __init__(self, site: Any, h1: Callable[[], Any], clock: IReactorTime,
                  handshake_timeout: float | None = 10.0) -> None:
         self.site = site

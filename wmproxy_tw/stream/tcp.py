@@ -110,8 +110,7 @@ class StreamProtocol(Protocol):
         self.dialing = None
         self.dialed = dialed
         if self.closed:
-            dialed.protocol.transport.loseConnection()
-            dialed.release()
+            dialed.close()
 
     def _failed(self, f: Failure) -> None:
         self.dialing = None

@@ -261,7 +261,8 @@ class TunnelClient(service.Service):
 
         def ok(proto: Protocol) -> None:
             if not stream.connected:
-                proto.transport.loseConnection()
+                if proto.transport is not None:
+                    proto.transport.loseConnection()
                 return
             stream.attach(SpliceProtocol(splice, A))
             stream.resumeProducing()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.protocol import Factory
@@ -115,7 +116,8 @@ class MappingRegistry:
     def routes(self) -> list[Route]:
         """Every published route, once."""
         seen: dict[int, Route] = {}
-        for table in (*self.exact.values(), *self.wild.values(), self.default, self.ports):
+        tables: list[Mapping[Any, Route]] = [*self.exact.values(), *self.wild.values(), self.default, self.ports]
+        for table in tables:
             for route in table.values():
                 seen[id(route)] = route
         return list(seen.values())
@@ -273,9 +275,9 @@ class TunnelServer:
         hosts = cfg.map_tcp_bind or cfg.center_addr or ()
         self.port_host = hosts[0].host if hosts else "127.0.0.1"
 
-    def factory(self) -> Factory:
+    def factory(self) -> Factory[ServerConnection]:
         """The protocol factory for ``center_addr`` (wrap it in TLS as configured)."""
-        factory = Factory.forProtocol(lambda: ServerConnection(self))  # type: ignore[arg-type]
+        factory = Factory.forProtocol(lambda: ServerConnection(self))
         factory.noisy = False
         return factory
 
@@ -320,7 +322,7 @@ class TunnelServer:
             route.rules = tuple(rules)
         if reg.remote_port is not None:
             addr = Address(self.port_host, reg.remote_port)
-            factory = StreamSpliceFactory(self.reactor, lambda peer, r=route: r.open(peer),
+            factory = StreamSpliceFactory(self.reactor, route.open,
                                           self.cfg.idle_timeout, f"tunnel port {reg.remote_port}")
             try:
                 route.listener = self.listeners.bind_tcp(

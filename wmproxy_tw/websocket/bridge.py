@@ -40,6 +40,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IReactorTime,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -260,6 +261,8 @@ class Bridge:
 @implementer(IHalfCloseableProtocol)
 class BridgeTcpProtocol(Protocol):
     """The TCP side of a bridge (the accepted client of tcp2ws, the upstream of ws2tcp)."""
+
+    transport: ITCPTransport  # set by makeConnection, before any event
 
     def __init__(self, bridge: Bridge, preamble: bytes = b"") -> None:
         self.bridge = bridge

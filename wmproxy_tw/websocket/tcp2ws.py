@@ -19,7 +19,7 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -33,7 +33,8 @@ from ..config.model import StreamServer
 from ..connect import UpstreamError
 from .bridge import Bridge, BridgeTcpProtocol, BridgeWsMixin, apply_limits
 
-__all__ = ["OneProtocolFactory", "Tcp2WsFactory", "Tcp2WsProtocol", "WsClientProtocol", "WsUrl", "ws_url"]
+__all__ = ["OneProtocolFactory", "Tcp2WsFactory", "Tcp2WsProtocol", "WsClientFactory", "WsClientProtocol", "WsUrl",
+           "ws_url"]
 
 _log = Logger()
 
@@ -83,10 +84,13 @@ class OneProtocolFactory(Factory):
         return self.build()
 
 
-class WsClientProtocol(BridgeWsMixin, WebSocketClientProtocol):
+# autobahn's own two bases (the Twisted adapter and the core protocol) annotate
+# ``peer``/``_transport_details`` differently; mypy reports it on every subclass.
+class WsClientProtocol(BridgeWsMixin, WebSocketClientProtocol):  # type: ignore[misc]
     """The WebSocket client of one tcp2ws connection."""
 
     transport: Any
+    factory: WsClientFactory
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -94,7 +98,25 @@ class WsClientProtocol(BridgeWsMixin, WebSocketClientProtocol):
             self.bridge.ws_made(self)
 
     def onConnecting(self, transport_details: Any) -> ConnectingRequest:
-        return self.factory.wm_request
+        return self.factory.request
+
+
+class WsClientFactory(WebSocketClientFactory):
+    """autobahn's client factory, limited, opening every connection with ``request``."""
+
+    protocol = WsClientProtocol  # type: ignore[assignment]  # autobahn's factories are not generic over the protocol
+
+    def __init__(self, reactor: Any, cfg: StreamServer, request: ConnectingRequest) -> None:
+        super().__init__(reactor=reactor, useragent=request.useragent)
+        self.request = request
+        apply_limits(self, cfg, reactor)
+
+    def client(self, bridge: Bridge) -> WsClientProtocol:
+        """A protocol for one connection, joined to ``bridge``."""
+        proto = WsClientProtocol()
+        proto.factory = self
+        proto.bridge = bridge
+        return proto
 
 
 class Tcp2WsFactory(Factory):
@@ -115,12 +137,8 @@ class Tcp2WsFactory(Factory):
         self.group = group
         self.url = url
         self.tls = tls
-        ws = WebSocketClientFactory(reactor=reactor, useragent="wmproxy-tw")
-        ws.protocol = WsClientProtocol
-        apply_limits(ws, cfg, reactor)
-        ws.wm_request = ConnectingRequest(host=url.host, port=url.port, resource=url.resource,
-                                          useragent="wmproxy-tw")
-        self.ws_factory = ws
+        self.ws_factory = WsClientFactory(reactor, cfg, ConnectingRequest(
+            host=url.host, port=url.port, resource=url.resource, useragent="wmproxy-tw"))
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         proto = Tcp2WsProtocol(self)
@@ -130,8 +148,6 @@ class Tcp2WsFactory(Factory):
 
 class Tcp2WsProtocol(BridgeTcpProtocol):
     """One accepted TCP client: dial, open the WebSocket, bridge."""
-
-    transport: Any
 
     def __init__(self, factory: Tcp2WsFactory) -> None:
         self.f = factory
@@ -151,18 +167,13 @@ class Tcp2WsProtocol(BridgeTcpProtocol):
                             timeout=self.f.cfg.proxy_connect_timeout)
         self.dialing.addCallbacks(self._dialed, self._failed)
 
-    def _factory_for(self, _member: Member) -> Factory:
-        inner = OneProtocolFactory(self._ws_protocol)
+    def _factory_for(self, _member: Member) -> IProtocolFactory:
+        inner = OneProtocolFactory(lambda: self.f.ws_factory.client(self.bridge))
         if self.f.tls is None:
             return inner
         tls = TLSMemoryBIOFactory(self.f.tls, True, inner)
         tls.noisy = False
         return tls
-
-    def _ws_protocol(self) -> Protocol:
-        proto = self.f.ws_factory.buildProtocol(None)
-        proto.bridge = self.bridge
-        return proto
 
     def _dialed(self, dialed: Dialed) -> None:
         self.dialing = None

@@ -42,7 +42,8 @@ _log = Logger()
 SUBPROTOCOLS = ("binary",)  # websockify's; chosen only when the client offers it
 
 
-class Ws2TcpProtocol(BridgeWsMixin, WebSocketServerProtocol):
+# (autobahn's two bases disagree on ``peer``/``_transport_details``: see tcp2ws.WsClientProtocol)
+class Ws2TcpProtocol(BridgeWsMixin, WebSocketServerProtocol):  # type: ignore[misc]
     """One WebSocket client of a ws2tcp server."""
 
     transport: Any
@@ -54,7 +55,8 @@ class Ws2TcpProtocol(BridgeWsMixin, WebSocketServerProtocol):
     def _handshake_too_large(self) -> None:
         self.failHandshake(f"request head over {MAX_HANDSHAKE} bytes", 431)
 
-    def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:
+    # autobahn takes a Deferred here too (txaio.as_future), which its annotation leaves out
+    def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:  # type: ignore[override]
         f = self.factory
         cfg = f.cfg
         peer, host = self.transport.getPeer(), self.transport.getHost()
@@ -84,7 +86,7 @@ class Ws2TcpProtocol(BridgeWsMixin, WebSocketServerProtocol):
             self._dialed = dialed
             self._hold_input = False
             if self.state == CLOSED:  # the client left while we connected
-                dialed.protocol.transport.loseConnection()
+                dialed.close()
                 raise ConnectionDeny(499, "client closed")
             return chosen
 
@@ -113,7 +115,7 @@ class Ws2TcpProtocol(BridgeWsMixin, WebSocketServerProtocol):
 class Ws2TcpFactory(WebSocketServerFactory):
     """The autobahn server of one ws2tcp ``[[stream.server]]``."""
 
-    protocol = Ws2TcpProtocol
+    protocol = Ws2TcpProtocol  # type: ignore[assignment]  # autobahn's factories are not generic over the protocol
 
     def __init__(self, reactor: Any, cfg: StreamServer, group: IUpstreamSelector) -> None:
         super().__init__(reactor=reactor, server="wmproxy-tw")
