@@ -28,16 +28,18 @@ $(VENV)/.installed: $(VENV)/bin/python $(SRC)
 run: install
 	$(VENV)/bin/twistd -n --pidfile= wmproxy $(ARGS)
 
-$(VENV)/.test-deps: $(VENV)/.installed setup.cfg
-	@$(PY) -m pip install -q '.[test]'
+# The test and lint extras in one pip run (the stamp's name changed when lint joined: older venvs get it too).
+$(VENV)/.dev-deps: $(VENV)/.installed setup.cfg
+	@$(PY) -m pip install -q '.[test,lint]'
 	@touch $@
 
-test-deps: $(VENV)/.test-deps
+test-deps: $(VENV)/.dev-deps
 	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing (apt-get)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-test: test-deps
+# Lint first (ruff + mypy: seconds, ~10 s with a cold mypy cache), then the suite.
+test: test-deps lint
 	$(PY) -m pytest tests
 
 # Every hypothesis property/fuzz test with many more examples (FUZZ_EXAMPLES, default 20000).
@@ -50,8 +52,7 @@ dashboard-shot: test-deps
 	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	$(PY) -m tests.dashboard_shot build/dashboard.png
 
-lint: $(VENV)/.test-deps
-	@$(PY) -m pip install -q '.[lint]'
+lint: $(VENV)/.dev-deps
 	$(VENV)/bin/ruff check wmproxy_tw tests
 	$(VENV)/bin/mypy wmproxy_tw
 
