@@ -36,6 +36,12 @@ class UpstreamError(Exception):
     def __str__(self) -> str:
         return self.reason
 
+    @classmethod
+    def of(cls, failure: Failure) -> UpstreamError:
+        """The error a failed attempt carries (a 502 naming any other exception)."""
+        exc = failure.value
+        return exc if isinstance(exc, UpstreamError) else cls(502, str(exc))
+
 
 def classify(failure: Failure, target: str) -> UpstreamError:
     """Turn a connect failure into the 502/504 a client should get."""

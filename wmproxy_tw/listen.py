@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -222,39 +222,41 @@ class ListenerRegistry:
     def bind_tcp(self, addr: Address, factory: IProtocolFactory, name: str,
                  max_connections: Optional[int] = None, backlog: int = 1024) -> Listener:
         """Listen on ``addr``, or raise :class:`StartupError` with one clear line."""
-        key = ("tcp", addr)
-        if addr.port and key in self.listeners:
-            raise StartupError(f"{name}: {addr} is already used by {self.listeners[key].name}")
         dispatch = Dispatch(factory, max_connections)
-        try:
+
+        def listen() -> IListeningPort:
             if self.reuse_port:
-                port = self._adopt(addr, socket.SOCK_STREAM, backlog,
+                return self._adopt(addr, socket.SOCK_STREAM, backlog,
                                    lambda fd, fam: self.reactor.adoptStreamPort(fd, fam, dispatch))
-            else:
-                port = self.reactor.listenTCP(addr.port, dispatch, backlog=backlog, interface=addr.host)
-        except error.CannotListenError as e:
-            raise StartupError(f"{name}: cannot listen on {addr}: {_why(e)}") from None
-        listener = Listener("tcp", addr, name, port, dispatch=dispatch)
-        self.listeners[_key("tcp", addr, listener)] = listener
-        _log.info("{name} listening on {addr}", name=name, addr=str(listener.bound))
-        return listener
+            return self.reactor.listenTCP(addr.port, dispatch, backlog=backlog, interface=addr.host)
+
+        return self._bind("tcp", addr, name, listen, dispatch=dispatch)
 
     def bind_udp(self, addr: Address, proto: DatagramProtocol, name: str) -> Listener:
-        key = ("udp", addr)
-        if addr.port and key in self.listeners:
-            raise StartupError(f"{name}: udp {addr} is already used by {self.listeners[key].name}")
         udp = UdpDispatch(proto)
-        try:
+
+        def listen() -> IListeningPort:
             if self.reuse_port:
-                port = self._adopt(addr, socket.SOCK_DGRAM, 0,
+                return self._adopt(addr, socket.SOCK_DGRAM, 0,
                                    lambda fd, fam: self.reactor.adoptDatagramPort(fd, fam, udp, maxPacketSize=65535))
-            else:
-                port = self.reactor.listenUDP(addr.port, udp, interface=addr.host, maxPacketSize=65535)
+            return self.reactor.listenUDP(addr.port, udp, interface=addr.host, maxPacketSize=65535)
+
+        return self._bind("udp", addr, name, listen, udp=udp)
+
+    def _bind(self, kind: str, addr: Address, name: str, listen: Callable[[], IListeningPort],
+              **legs: Any) -> Listener:
+        """``listen()`` unless ``addr`` is taken; register the listener (``legs``: its dispatcher)."""
+        where = _where(kind, addr)
+        key = (kind, addr)
+        if addr.port and key in self.listeners:
+            raise StartupError(f"{name}: {where} is already used by {self.listeners[key].name}")
+        try:
+            port = listen()
         except error.CannotListenError as e:
-            raise StartupError(f"{name}: cannot listen on udp {addr}: {_why(e)}") from None
-        listener = Listener("udp", addr, name, port, udp=udp)
-        self.listeners[_key("udp", addr, listener)] = listener
-        _log.info("{name} listening on udp {addr}", name=name, addr=str(listener.bound))
+            raise StartupError(f"{name}: cannot listen on {where}: {_why(e)}") from None
+        listener = Listener(kind, addr, name, port, **legs)
+        self.listeners[_key(kind, addr, listener)] = listener
+        _log.info("{name} listening on {where}", name=name, where=_where(kind, listener.bound))
         return listener
 
     def _adopt(self, addr: Address, kind: int, backlog: int, adopt: Any) -> IListeningPort:
@@ -330,6 +332,11 @@ class ListenerRegistry:
                 continue
             n += lst.dispatch.close_connections(abort)
         return n
+
+
+def _where(kind: str, addr: Address) -> str:
+    """An address as log lines and errors say it ("udp " before a UDP one)."""
+    return str(addr) if kind == "tcp" else f"{kind} {addr}"
 
 
 def _key(kind: str, addr: Address, listener: Listener) -> tuple[str, Address]:

@@ -177,3 +177,36 @@ def test_allow_ip_applies_to_the_client_named_by_a_trusted_proxy_header() -> Non
         proto.dataReceived(f"PROXY TCP4 {source} 127.0.0.1 5555 83\r\n".encode())
         assert transport.disconnecting is not admitted
     assert len(reactor.tcpClients) == 1
+
+
+def test_client_dial_closes_a_connection_made_after_the_client_left() -> None:
+    """ClientDial: a connection that completes once ``gone()`` is true is closed and un-counted."""
+    from wmproxy_tw.balance.dial import ClientDial
+
+    reactor = MemoryReactorClock()
+    group = FakeSelector([("10.0.0.1", 1)])
+    errors: list[UpstreamError] = []
+    gone = [False]
+    cd = ClientDial(reactor, group, lambda m: Factory.forProtocol(Protocol), key="c", timeout=5,
+                    gone=lambda: gone[0], failed=errors.append)
+    gone[0] = True
+    _proto, transport = succeed_connect(reactor)
+    assert transport.disconnecting and cd.dialing is None and not errors
+    assert group.events[-1][0] == "connection_finished" and group.members[0].active == 0
+    cd.release()  # idempotent with the close
+    assert [e for e, _m in group.events].count("connection_finished") == 1
+
+
+def test_client_dial_reports_an_unreachable_upstream_once() -> None:
+    """ClientDial: a refused connect reaches ``failed`` as a 502 UpstreamError; cancel afterwards is a no-op."""
+    from wmproxy_tw.balance.dial import ClientDial
+
+    reactor = MemoryReactorClock()
+    group = FakeSelector([("10.0.0.1", 1)])
+    errors: list[UpstreamError] = []
+    cd = ClientDial(reactor, group, lambda m: Factory.forProtocol(Protocol), key="c", timeout=5,
+                    gone=lambda: False, failed=errors.append)
+    fail_connect(reactor)
+    assert [e.status for e in errors] == [502] and cd.dialing is None
+    cd.cancel()
+    assert len(errors) == 1

@@ -23,7 +23,7 @@ from ..connect import TargetPolicy, UpstreamError, connect
 from .interfaces import IUpstreamSelector
 from .selector import Member
 
-__all__ = ["Dialed", "dial"]
+__all__ = ["ClientDial", "Dialed", "dial"]
 
 
 @dataclass
@@ -102,10 +102,58 @@ def dial(
             current[0] = current[1] = None
             group.report_failure(member)
             group.connection_finished(member)
-            err = f.value if isinstance(f.value, UpstreamError) else UpstreamError(502, str(f.value))
+            err = UpstreamError.of(f)
             attempt(err)
 
         d.addCallbacks(ok, failed)
 
     attempt(None)
     return result
+
+
+class ClientDial:
+    """The upstream dial of one accepted client (stream TCP, tcp2ws): the attempt, then the connection.
+
+    ``failed(err)`` hears an unreachable upstream (never a cancelled attempt); a
+    connection made after ``gone()`` says the client left is closed at once.  The
+    client calls :meth:`cancel` when it leaves and :meth:`release` when its relay ends.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        group: IUpstreamSelector,
+        factory_for: Callable[[Member], IProtocolFactory],
+        *,
+        key: str | None,
+        timeout: float,
+        gone: Callable[[], bool],
+        failed: Callable[[UpstreamError], None],
+    ) -> None:
+        self._gone = gone
+        self._on_failed = failed
+        self.dialed: Dialed | None = None
+        self.dialing: Deferred[Dialed] | None = dial(reactor, group, factory_for, key=key, timeout=timeout)
+        self.dialing.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, dialed: Dialed) -> None:
+        self.dialing = None
+        self.dialed = dialed
+        if self._gone():
+            dialed.close()
+
+    def _failed(self, f: Failure) -> None:
+        self.dialing = None
+        if not f.check(CancelledError):
+            self._on_failed(UpstreamError.of(f))
+
+    def cancel(self) -> None:
+        """The client left while dialing: give up the attempt (no failure is reported)."""
+        if self.dialing is not None:
+            d, self.dialing = self.dialing, None
+            d.cancel()
+
+    def release(self) -> None:
+        """The relay is over: un-count the connection (idempotent)."""
+        if self.dialed is not None:
+            self.dialed.release()

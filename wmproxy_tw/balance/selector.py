@@ -215,14 +215,14 @@ class UpstreamGroup:
         if self._clock.seconds() < member._failed_until:
             # a late answer from before the member was marked failed
             return
+        self._back(member, "")
+
+    def _back(self, member: Member, how: str) -> None:
+        """End ``member``'s passive failure (``how`` says what showed it works again)."""
         member._failed_until = None
         member._probe_until = None
         member._failures.clear()
-        log.info(
-            "upstream {group}: {member} is back",
-            group=self.name,
-            member=member.addr_str,
-        )
+        log.info("upstream {group}: {member} is back{how}", group=self.name, member=member.addr_str, how=how)
 
     def report_failure(self, member: Member) -> None:
         spec = member.spec
@@ -279,15 +279,7 @@ class UpstreamGroup:
                         n=member._check_ok_streak,
                     )
                 if member._failed_until is not None:
-                    member._failed_until = None
-                    member._probe_until = None
-                    member._failures.clear()
-                    log.info(
-                        "upstream {group}: {member} is back ({n} good checks)",
-                        group=self.name,
-                        member=member.addr_str,
-                        n=member._check_ok_streak,
-                    )
+                    self._back(member, f" ({member._check_ok_streak} good checks)")
         else:
             member._check_ok_streak = 0
             member._check_fail_streak += 1

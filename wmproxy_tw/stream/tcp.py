@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..balance.dial import Dialed, dial
+from ..balance.dial import ClientDial
 from ..balance.interfaces import IUpstreamSelector
 from ..balance.selector import Member
 from ..config.model import StreamServer
@@ -81,8 +80,7 @@ class StreamProtocol(Protocol):
     def __init__(self, factory: StreamFactory) -> None:
         self.f = factory
         self.splice = Splice(factory.reactor, idle_timeout=factory.cfg.client_timeout, on_done=self._done)
-        self.dialing: Deferred[Dialed] | None = None
-        self.dialed: Dialed | None = None
+        self.upstream: ClientDial | None = None
         self.closed = False
 
     def connectionMade(self) -> None:
@@ -102,21 +100,10 @@ class StreamProtocol(Protocol):
         def factory_for(_m: Member) -> Factory:
             return quiet_factory(lambda: UpstreamLeg(self.splice, B, preamble))
 
-        self.dialing = dial(self.f.reactor, self.f.group, factory_for, key=self.client,
-                            timeout=cfg.proxy_connect_timeout)
-        self.dialing.addCallbacks(self._connected, self._failed)
+        self.upstream = ClientDial(self.f.reactor, self.f.group, factory_for, key=self.client,
+                                   timeout=cfg.proxy_connect_timeout, gone=lambda: self.closed, failed=self._failed)
 
-    def _connected(self, dialed: Dialed) -> None:
-        self.dialing = None
-        self.dialed = dialed
-        if self.closed:
-            dialed.close()
-
-    def _failed(self, f: Failure) -> None:
-        self.dialing = None
-        if f.check(CancelledError):
-            return
-        err = f.value if isinstance(f.value, UpstreamError) else UpstreamError(502, str(f.value))
+    def _failed(self, err: UpstreamError) -> None:
         _log.info("stream: {client} → upstream {group}: {why}", client=self.client,
                   group=self.f.group.name, why=err.reason)
         if not self.closed:
@@ -134,11 +121,10 @@ class StreamProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
         self.f.active.discard(self)
-        if self.dialing is not None:
-            d, self.dialing = self.dialing, None
-            d.cancel()
+        if self.upstream is not None:
+            self.upstream.cancel()
         self.splice.lost(A, reason)
 
     def _done(self, _splice: Splice) -> None:
-        if self.dialed is not None:
-            self.dialed.release()
+        if self.upstream is not None:
+            self.upstream.release()

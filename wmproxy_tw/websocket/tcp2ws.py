@@ -18,7 +18,6 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectingRequest
-from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -26,7 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from ..balance.build import Target
-from ..balance.dial import Dialed, dial
+from ..balance.dial import ClientDial
 from ..balance.interfaces import IUpstreamSelector
 from ..balance.selector import Member
 from ..config.model import StreamServer
@@ -153,8 +152,7 @@ class Tcp2WsProtocol(BridgeTcpProtocol):
         self.f = factory
         cfg = factory.cfg
         super().__init__(Bridge(factory.reactor, cfg.client_timeout, cfg.max_message_size, on_done=self._done))
-        self.dialing: Deferred[Dialed] | None = None
-        self.dialed: Dialed | None = None
+        self.upstream: ClientDial | None = None
 
     def connectionMade(self) -> None:
         self.client = getattr(self.transport.getPeer(), "host", "?")
@@ -163,9 +161,9 @@ class Tcp2WsProtocol(BridgeTcpProtocol):
             self.transport.abortConnection()
             return
         super().connectionMade()  # paused until the WebSocket is open
-        self.dialing = dial(self.f.reactor, self.f.group, self._factory_for, key=self.client,
-                            timeout=self.f.cfg.proxy_connect_timeout)
-        self.dialing.addCallbacks(self._dialed, self._failed)
+        self.upstream = ClientDial(self.f.reactor, self.f.group, self._factory_for, key=self.client,
+                                   timeout=self.f.cfg.proxy_connect_timeout,
+                                   gone=lambda: self.bridge.finished, failed=self._failed)
 
     def _factory_for(self, _member: Member) -> IProtocolFactory:
         inner = OneProtocolFactory(lambda: self.f.ws_factory.client(self.bridge))
@@ -175,26 +173,15 @@ class Tcp2WsProtocol(BridgeTcpProtocol):
         tls.noisy = False
         return tls
 
-    def _dialed(self, dialed: Dialed) -> None:
-        self.dialing = None
-        self.dialed = dialed
-        if self.bridge.finished:
-            dialed.release()
-
-    def _failed(self, f: Failure) -> None:
-        self.dialing = None
-        if f.check(CancelledError):
-            return
-        err = f.value if isinstance(f.value, UpstreamError) else UpstreamError(502, str(f.value))
+    def _failed(self, err: UpstreamError) -> None:
         _log.info("tcp2ws: {client} → {url}: {why}", client=self.client, url=str(self.f.url), why=err.reason)
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.dialing is not None:
-            d, self.dialing = self.dialing, None
-            d.cancel()
+        if self.upstream is not None:
+            self.upstream.cancel()
         super().connectionLost(reason)
 
     def _done(self, _bridge: Bridge) -> None:
-        if self.dialed is not None:
-            self.dialed.release()
+        if self.upstream is not None:
+            self.upstream.release()

@@ -93,7 +93,7 @@ class Ws2TcpProtocol(BridgeWsMixin, WebSocketServerProtocol):  # type: ignore[mi
         def failed(fail: Failure) -> None:
             self._dialing = None
             self._hold_input = False
-            err = fail.value if isinstance(fail.value, UpstreamError) else UpstreamError(502, "cancelled")
+            err = UpstreamError.of(fail)
             if self.state != CLOSED:
                 _log.info("ws2tcp: {client} → upstream {group}: {why}", client=peer.host,
                           group=f.group.name, why=err.reason)
