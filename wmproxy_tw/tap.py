@@ -65,31 +65,51 @@ def _quote(v: str) -> str:
     return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class ProxyOptions(usage.Options):
+class QuickOptions(usage.Options):
+    """A sub-command that runs one feature without a file.
+
+    Each says its sections in :meth:`sections`; ``--control ADDR`` / ``--no-control``
+    (shared by all) place or turn off the control API, so two of them can run at once.
+    """
+
+    optParameters = [["control", None, None, "control API address (default 127.0.0.1:8837)"]]
+    optFlags = [["no-control", None, "serve no control API"]]
+
+    def postOptions(self) -> None:
+        if self["control"] and self["no-control"]:
+            raise usage.UsageError("--control and --no-control exclude each other")
+
+    def to_toml(self) -> str:
+        """The configuration file this command line stands for."""
+        lines = []
+        if self["control"]:
+            lines.append(f"control = {_quote(self['control'])}")
+        if self["no-control"]:
+            lines.append("disable_control = true")
+        return "\n".join(lines + self.sections()) + "\n"
+
+    def sections(self) -> list[str]:
+        raise NotImplementedError
+
+
+class ProxyOptions(QuickOptions):
     """``twistd wmproxy proxy``: a forward proxy without a file."""
 
-    synopsis = "[-b ADDR] [--user U --pass P] [--flag 'http https socks5'] [-S PARENT --ts]"
+    synopsis = "[-b ADDR] [--user U --pass P] [--flag 'http https socks5'] [-S PARENT --ts] [--control ADDR | --no-control]"
     optParameters = [
         ["bind", "b", "127.0.0.1:8090", "address to listen on"],
         ["user", None, None, "username clients must give"],
         ["pass", None, None, "password clients must give"],
         ["flag", None, "http https socks5", "protocols served"],
         ["server", "S", None, "parent proxy to relay to (host:port)"],
-        ["control", None, None, "control API address (default 127.0.0.1:8837)"],
     ]
     optFlags = [
         ["ts", None, "connect to the parent over TLS"],
         ["allow-open-proxy", None, "allow an unauthenticated non-loopback bind"],
-        ["no-control", None, "serve no control API"],
     ]
 
-    def to_toml(self) -> str:
-        lines = []
-        if self["control"]:
-            lines.append(f"control = {_quote(self['control'])}")
-        if self["no-control"]:
-            lines.append("disable_control = true")
-        lines += ["[proxy]", f"bind = {_quote(self['bind'])}", f"flag = {_quote(self['flag'])}"]
+    def sections(self) -> list[str]:
+        lines = ["[proxy]", f"bind = {_quote(self['bind'])}", f"flag = {_quote(self['flag'])}"]
         if self["user"] is not None or self["pass"] is not None:
             if not (self["user"] and self["pass"]):
                 raise usage.UsageError("--user and --pass go together")
@@ -100,13 +120,13 @@ class ProxyOptions(usage.Options):
             lines.append("ts = true")
         if self["allow-open-proxy"]:
             lines.append("allow_open_proxy = true")
-        return "\n".join(lines) + "\n"
+        return lines
 
 
-class WsProxyOptions(usage.Options):
+class WsProxyOptions(QuickOptions):
     """``twistd wmproxy ws-proxy``: one tcp2ws / tcp2wss / ws2tcp bridge without a file."""
 
-    synopsis = "--mode tcp2ws|tcp2wss|ws2tcp -b ADDR -t URL [--domain NAME] [--path /P]"
+    synopsis = "--mode tcp2ws|tcp2wss|ws2tcp -b ADDR -t URL [--domain NAME] [--path /P] [--control ADDR | --no-control]"
     optParameters = [
         ["mode", "m", None, "tcp2ws (TCP in, WebSocket out), tcp2wss (the same over TLS) or ws2tcp"],
         ["bind", "b", None, "address to listen on, e.g. 127.0.0.1:8085"],
@@ -117,12 +137,13 @@ class WsProxyOptions(usage.Options):
     optFlags = [["insecure", "k", "tcp2wss: do not verify the server's certificate"]]
 
     def postOptions(self) -> None:
+        super().postOptions()
         if self["mode"] not in ("tcp2ws", "tcp2wss", "ws2tcp"):
             raise usage.UsageError("--mode must be tcp2ws, tcp2wss or ws2tcp")
         if not self["bind"] or not self["target"]:
             raise usage.UsageError("-b ADDR and -t URL are both needed")
 
-    def to_toml(self) -> str:
+    def sections(self) -> list[str]:
         lines = ["[[stream.server]]", f"bind_mode = {_quote(self['mode'])}",
                  f"bind_addr = {_quote(self['bind'])}", f"proxy_url = {_quote(self['target'])}"]
         if self["domain"]:
@@ -131,33 +152,32 @@ class WsProxyOptions(usage.Options):
             lines.append(f"path = {_quote(self['path'])}")
         if self["insecure"]:
             lines.append("proxy_ssl_verify = false")
-        return "\n".join(lines) + "\n"
+        return lines
 
 
-class ReverseProxyOptions(usage.Options):
+class ReverseProxyOptions(QuickOptions):
     """``twistd wmproxy reverse-proxy``: one address proxied to one upstream URL."""
 
-    synopsis = "[-b ADDR] -t URL"
+    synopsis = "[-b ADDR] -t URL [--control ADDR | --no-control]"
     optParameters = [
         ["bind", "b", "127.0.0.1:8869", "address to listen on"],
         ["to", "t", None, "upstream: http://host:port[/path], https://..., or host:port"],
     ]
 
     def postOptions(self) -> None:
+        super().postOptions()
         if not self["to"]:
             raise usage.UsageError("-t URL is required (e.g. -t http://127.0.0.1:8080)")
 
-    def to_toml(self) -> str:
-        return "\n".join([
-            "[http]", "[[http.server]]", f"bind_addr = {_quote(self['bind'])}",
-            "[[http.server.location]]", 'rule = "/"', f"proxy_url = {_quote(self['to'])}",
-        ]) + "\n"
+    def sections(self) -> list[str]:
+        return ["[http]", "[[http.server]]", f"bind_addr = {_quote(self['bind'])}",
+                "[[http.server.location]]", 'rule = "/"', f"proxy_url = {_quote(self['to'])}"]
 
 
-class FileServerOptions(usage.Options):
+class FileServerOptions(QuickOptions):
     """``twistd wmproxy file-server``: serve a folder without a file."""
 
-    synopsis = "-b ADDR -r ROOT [--browse]"
+    synopsis = "-b ADDR -r ROOT [--browse] [--control ADDR | --no-control]"
     optParameters = [
         ["bind", "b", "127.0.0.1:8080", "address to listen on"],
         ["root", "r", ".", "folder to serve"],
@@ -167,17 +187,16 @@ class FileServerOptions(usage.Options):
     def postOptions(self) -> None:
         import os
 
+        super().postOptions()
         root = os.path.abspath(self["root"])
         if not os.path.isdir(root):
             raise usage.UsageError(f"--root {self['root']!r} is not a folder")
         self["root"] = root
 
-    def to_toml(self) -> str:
+    def sections(self) -> list[str]:
         fs = f"root = {_quote(self['root'])}" + (", browse = true" if self["browse"] else "")
-        return "\n".join([
-            "[http]", "[[http.server]]", f"bind_addr = {_quote(self['bind'])}",
-            "[[http.server.location]]", 'rule = "/"', f"file_server = {{ {fs} }}",
-        ]) + "\n"
+        return ["[http]", "[[http.server]]", f"bind_addr = {_quote(self['bind'])}",
+                "[[http.server.location]]", 'rule = "/"', f"file_server = {{ {fs} }}"]
 
 
 class Options(usage.Options):

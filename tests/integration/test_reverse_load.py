@@ -227,7 +227,7 @@ async def test_twistd_reverse_proxy_quick_mode() -> None:
     """`twistd -n wmproxy reverse-proxy -b ADDR -t URL` proxies to the URL; --check describes it."""
     o = Origin("o")
     port = free_port()
-    args = ["wmproxy", "reverse-proxy", "-b", f"127.0.0.1:{port}", "-t", f"http://{o.addr}"]
+    args = ["wmproxy", "reverse-proxy", "-b", f"127.0.0.1:{port}", "-t", f"http://{o.addr}", "--no-control"]
     out, err, code = await run(TWISTD, "wmproxy", "--check", *args[1:])
     assert code == 0 and f"reverse proxy (http) on 127.0.0.1:{port}" in out.decode(), err
     out, err, code = await run(TWISTD, "-n", "--pidfile=", "wmproxy", "reverse-proxy", "-b", "x")

@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from ..helpers import ENV, TWISTD, Running, deferLater, free_port, origin, run, spawn, wait_port
+from ..helpers import ENV, TWISTD, Running, deferLater, free_port, http_call, origin, run, spawn, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,7 @@ async def test_file_server_subcommand(tmp_path: Path) -> None:
     out, err, code = await twistd("wmproxy", "--check", "file-server", "-r", str(tmp_path / "nope"))
     assert code != 0 and b"is not a folder" in out + err
     proc = spawn([TWISTD, "-n", "--pidfile=", "wmproxy", "file-server", "-b", f"127.0.0.1:{port}",
-                  "-r", str(root), "--browse"], cwd=tmp_path)
+                  "-r", str(root), "--browse", "--no-control"], cwd=tmp_path)
     try:
         await wait_port(port)
         out, err, code = await run("curl", "-sS", f"http://127.0.0.1:{port}/hello.txt")
@@ -154,3 +154,30 @@ async def test_file_server_subcommand(tmp_path: Path) -> None:
         code = await proc.stop()
     assert code == 0, proc.err
     assert b"Traceback" not in proc.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_quick_subcommands_place_or_drop_the_control_api(tmp_path: Path) -> None:
+    """Two quick sub-commands run side by side: one with --control on a free port, one with --no-control."""
+    (tmp_path / "a.txt").write_bytes(b"a\n")
+    files, control, proxy = free_port(), free_port(), free_port()
+    out, err, code = await twistd("wmproxy", "--check", "file-server", "-r", str(tmp_path),
+                                  "--control", "127.0.0.1:1", "--no-control")
+    assert code != 0 and b"--control and --no-control exclude each other" in out + err
+    first = spawn([TWISTD, "-n", "--pidfile=", "wmproxy", "file-server", "-b", f"127.0.0.1:{files}",
+                   "-r", str(tmp_path), "--control", f"127.0.0.1:{control}"], cwd=tmp_path)
+    second = spawn([TWISTD, "-n", "--pidfile=", "wmproxy", "proxy", "-b", f"127.0.0.1:{proxy}",
+                    "--no-control"], cwd=tmp_path)
+    try:
+        await wait_port(files)
+        await wait_port(control)
+        await wait_port(proxy)
+        code, body = await http_call("GET", f"http://127.0.0.1:{control}/status")
+        assert code == 200 and f"127.0.0.1:{files}".encode() in body, body
+        out, err, code = await run("curl", "-sS", "-x", f"http://127.0.0.1:{proxy}", f"http://127.0.0.1:{files}/a.txt")
+        assert code == 0 and out == b"a\n", err
+    finally:
+        codes = [await first.stop(), await second.stop()]
+    assert codes == [0, 0], first.err + second.err
+    assert f"control API listening on 127.0.0.1:{control}".encode() in first.out + first.err
+    assert b"control API listening" not in second.out + second.err

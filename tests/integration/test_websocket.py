@@ -439,7 +439,7 @@ async def test_twistd_ws_proxy_quick_mode() -> None:
     port = free_port()
 
     argv = [TWISTD, "-n", "--pidfile=", "wmproxy", "ws-proxy", "--mode", "ws2tcp",
-            "-b", f"127.0.0.1:{port}", "-t", f"127.0.0.1:{up.getHost().port}"]
+            "-b", f"127.0.0.1:{port}", "-t", f"127.0.0.1:{up.getHost().port}", "--no-control"]
     proc = spawn(argv)
     transport = proc.transport
     try:
