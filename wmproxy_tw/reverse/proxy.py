@@ -25,7 +25,8 @@ An :class:`Exchange` is created per request by
 
 A ``101`` answer to a WebSocket upgrade (``is_ws`` locations) is relayed as
 the upstream sent it and both connections are spliced with
-:class:`wmproxy_tw.relay.Splice`.
+:class:`wmproxy_tw.relay.Splice` (with ``rate_limit``, the client's leg is a
+:class:`wmproxy_tw.limits.PacedTransport` on the connection's bucket).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from zope.interface import implementer
 from ..connect import UpstreamError
 from ..forward.httphead import hop_by_hop_clean
 from ..headers import apply_header_rules
-from ..limits import Throttle, connection_bucket
+from ..limits import PacedTransport, Throttle, connection_bucket
 from ..relay import A, B, Splice
 from .h1 import reason, request_head
 from .handlers import IBodyReader, respond_error
@@ -484,6 +485,8 @@ class Exchange:
         client_bytes = channel.take_over(splice)
         client = channel.transport
         client.write(raw_head.encode("latin-1"))
+        if self.h.rate_limit is not None:  # what the client is sent stays paced after the switch
+            client = PacedTransport(client, connection_bucket(channel, self.h.rate_limit, self.clock), self.clock)
         conn.splice = splice
         conn.user = None
         splice.attach(A, client)
