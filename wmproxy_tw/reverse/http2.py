@@ -104,7 +104,9 @@ def guarded_h2_class() -> Any:
         connection and looking up streams it had already dropped), and a request
         whose stream was reset in the same batch is never processed (its
         StreamReset event, which follows, tears the stream down and counts
-        toward the reset limit)."""
+        toward the reset limit).  A stream whose request was answered before
+        its body ended (over client_max_body_size) is reset with NO_ERROR
+        once the answer is sent."""
 
         def _closed(self) -> bool:
             return bool(self.conn.state_machine.state == ConnectionState.CLOSED)
@@ -126,6 +128,16 @@ def guarded_h2_class() -> Any:
         def _requestAborted(self, event: Any) -> None:
             if not self._closed() and event.stream_id in self.streams:
                 super()._requestAborted(event)
+
+        def _requestDone(self, streamID: int) -> None:
+            stream = self.streams.get(streamID)
+            refused = getattr(getattr(stream, "_request", None), "body_refused", False)
+            super()._requestDone(streamID)
+            state = self.conn.streams.get(streamID)
+            if refused and state is not None and not state.closed and not self._closed():
+                # answered (413) before the client's body ended: ask it to stop sending (RFC 9113 §8.1)
+                self.conn.reset_stream(streamID, error_code=0)
+                self._tryToWriteControlData()
 
     _GUARDED.append(GuardedH2Connection)
     return GuardedH2Connection

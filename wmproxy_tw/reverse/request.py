@@ -16,7 +16,11 @@ additions:
 
 It also works under twisted.web's own channels (HTTP/2): there the body has
 been buffered in ``content`` by the time it is processed, and
-``stream_body`` replays it with the same back-pressure.
+``stream_body`` replays it with the same back-pressure.  Buffering stops at the
+server's largest ``client_max_body_size``: a body over it (declared or counted)
+is answered at once through the pipeline (413), and once that answer is sent
+the stream is reset with NO_ERROR so the client stops sending
+(``reverse.http2``'s guarded connection).
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ class ReverseRequest(server.Request):
     response_rules: tuple[Any, ...] = ()
     up_status: Optional[int] = None
     up_addr: Optional[str] = None
+    body_refused = False  # HTTP/2: over the largest client_max_body_size, answered before its end
+    _h2_received = 0
+    _h2_over = 0  # the (declared or counted) size that went over the limit
+    _h2_processed = False
     up_time: Optional[float] = None
     #: Called (no arguments) if the client goes away before the response ends.
     on_gone: Optional[Callable[[], None]] = None
@@ -104,8 +112,38 @@ class ReverseRequest(server.Request):
         self.body_length = body_length
         self.websocket = websocket
 
+    # -- HTTP/2: twisted.web's H2Stream buffers the body here before process() -----
+    def gotLength(self, length: Optional[int]) -> None:
+        super().gotLength(length)
+        if length is not None:
+            self._h2_check(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._h2_received += len(data)
+        if not self.body_refused and not self._h2_check(self._h2_received):
+            super().handleContentChunk(data)
+
+    def _h2_check(self, size: int) -> bool:
+        """True (and the answer scheduled) once ``size`` is over what any location accepts."""
+        limits = getattr(self.site, "limits", None)  # the ReverseSite's (the largest body any location takes)
+        limit = limits.max_body_size if limits is not None else None
+        if not limit or size <= limit:
+            return False
+        if not self.body_refused:
+            self.body_refused = True
+            self._h2_over = size
+            self.clock.callLater(0, self._h2_answer_early)  # not from inside the H2Connection's events
+        return True
+
+    def _h2_answer_early(self) -> None:
+        stream: Any = self.channel  # an H2Stream
+        if self._h2_processed or stream is None:  # the body ended meanwhile, or the stream is gone
+            return
+        self.requestReceived(stream.command, stream.path, b"HTTP/2")
+
     def process(self) -> None:
         """Entry point under twisted.web's own channels (HTTP/2): the body is in ``content``."""
+        self._h2_processed = True
         path = (self.path or b"/").decode("latin-1")
         try:
             norm = normalize_path(path)
@@ -125,6 +163,8 @@ class ReverseRequest(server.Request):
             content.seek(0, 2)
             size = content.tell()
             content.seek(0, 0)
+        if self.body_refused:  # what was not kept still counts (the pipeline answers 413)
+            size = max(size, self._h2_received, self._h2_over)
         self.prepare(head, norm, query, host, host.rsplit(":", 1)[0].strip("[]").lower() if host else "",
                      "https" if self.isSecure() else "http", size > 0, False, size)
         site: Any = self.site
