@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -63,30 +64,40 @@ proxy_url = "http://127.0.0.1:{ws.getHost().port}"
         await defer.maybeDeferred(ws.stopListening)
 
 
-@pytest.mark.skipif(not http2.h2_available() or shutil.which("curl") is None, reason="needs h2 and curl")
-@pytest_twisted.ensureDeferred
-async def test_http2_request_bodies_are_proxied_byte_for_byte(tmp_path: Path) -> None:
-    """curl --http2 POST bodies (small with CR/LF/NUL bytes, 3 MiB, and one of unknown length)
-    through an http2 = true TLS server come back from the origin's echo identical; over
-    client_max_body_size, 413."""
+needs_h2 = pytest.mark.skipif(not http2.h2_available() or shutil.which("curl") is None, reason="needs h2 and curl")
+CURL_H2 = ["curl", "--http2", "-k", "-sS", "--max-time", "60"]
+
+
+async def h2_proxy(tmp_path: Path, web: Any, server: str = "", locations: str = "") -> tuple[Any, str]:
+    """An ``http2 = true`` TLS server proxying ``/`` to ``web`` (``server``/``locations``: extra lines);
+    returns (service, its https base URL)."""
     cert, key = make_cert(tmp_path, "h2.test")
-    web = origin()
+    to = f'proxy_url = "http://127.0.0.1:{web.getHost().port}"'
     svc = await start_proxy(f"""
 [[http.server]]
 bind_ssl = "127.0.0.1:0"
 cert = "{cert}"
 key = "{key}"
 http2 = true
-[[http.server.location]]
-rule = "/small"
-client_max_body_size = "100k"
-proxy_url = "http://127.0.0.1:{web.getHost().port}"
+{server}
+{locations.format(to=to)}
 [[http.server.location]]
 rule = "/"
-proxy_url = "http://127.0.0.1:{web.getHost().port}"
+{to}
 """)
-    url = f"https://127.0.0.1:{bound_port(svc)}/echo"
-    small_url = f"https://127.0.0.1:{bound_port(svc)}/small"
+    return svc, f"https://127.0.0.1:{bound_port(svc)}"
+
+
+@needs_h2
+@pytest_twisted.ensureDeferred
+async def test_http2_request_bodies_are_proxied_byte_for_byte(tmp_path: Path) -> None:
+    """curl --http2 POST bodies (small with CR/LF/NUL bytes, 3 MiB, and one of unknown length)
+    through an http2 = true TLS server come back from the origin's echo identical; over
+    client_max_body_size, 413."""
+    web = origin()
+    svc, base = await h2_proxy(tmp_path, web, locations='[[http.server.location]]\nrule = "/small"\n'
+                                                        'client_max_body_size = "100k"\n{to}')
+    url, small_url = f"{base}/echo", f"{base}/small"
     small = tmp_path / "small.bin"
     small.write_bytes(b"line one\r\nline two\n\x00\xff" * 50)
     large = tmp_path / "large.bin"
@@ -94,49 +105,37 @@ proxy_url = "http://127.0.0.1:{web.getHost().port}"
     try:
         for body in (small, large):
             got = tmp_path / "got.bin"
-            out, err, code = await run("curl", "--http2", "-k", "-sS", "--max-time", "60", "-o", str(got),
-                                       "-w", "%{http_version} %{http_code}", "--data-binary", f"@{body}", url)
+            out, err, code = await run(*CURL_H2, "-o", str(got), "-w", "%{http_version} %{http_code}", "--data-binary", f"@{body}", url)
             assert code == 0 and out == b"2 200", (out, err)
             assert got.read_bytes() == body.read_bytes(), (body.name, got.stat().st_size)
         # from stdin: no content-length, the body ends with the stream (END_STREAM)
         data = pattern(200_000)
-        out, err, code = await run_input(["curl", "--http2", "-k", "-sS", "--max-time", "60", "-X", "POST",
-                                          "-T", "-", "-w", "\n%{http_version} %{http_code}", url], data)
+        out, err, code = await run_input([*CURL_H2, "-X", "POST", "-T", "-", "-w", "\n%{http_version} %{http_code}",
+                                          url], data)
         assert code == 0 and out == data + b"\n2 200", (out[-40:], err)
         # over client_max_body_size: 413, whether the length is declared or not
-        out, err, code = await run("curl", "--http2", "-k", "-sS", "--max-time", "60", "-o", "/dev/null",
-                                   "-w", "%{http_version} %{http_code}", "--data-binary", f"@{large}", small_url)
+        out, err, code = await run(*CURL_H2, "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+                                   "--data-binary", f"@{large}", small_url)
         assert code == 0 and out == b"2 413", (out, err)
-        out, err, code = await run_input(["curl", "--http2", "-k", "-sS", "--max-time", "60", "-X", "POST", "-T", "-",
-                                          "-o", "/dev/null", "-w", "%{http_version} %{http_code}", small_url], data)
+        out, err, code = await run_input([*CURL_H2, "-X", "POST", "-T", "-", "-o", "/dev/null",
+                                          "-w", "%{http_version} %{http_code}", small_url], data)
         assert code == 0 and out == b"2 413", (out, err)
     finally:
         await svc.stopService()
         await defer.maybeDeferred(web.stopListening)
 
 
-@pytest.mark.skipif(not http2.h2_available() or shutil.which("curl") is None, reason="needs h2 and curl")
+@needs_h2
 @pytest_twisted.ensureDeferred
 async def test_http2_body_over_the_limit_is_refused_without_buffering_it(tmp_path: Path) -> None:
     """client_max_body_size = 1m on an HTTP/2 server: a 16 MiB upload (declared or of unknown length)
     gets 413 long before it is all sent (not buffered whole), and the connection serves the next request."""
-    cert, key = make_cert(tmp_path, "h2.test")
     web = origin()
-    svc = await start_proxy(f"""
-[[http.server]]
-bind_ssl = "127.0.0.1:0"
-cert = "{cert}"
-key = "{key}"
-http2 = true
-client_max_body_size = "1m"
-[[http.server.location]]
-rule = "/"
-proxy_url = "http://127.0.0.1:{web.getHost().port}"
-""")
-    url = f"https://127.0.0.1:{bound_port(svc)}/echo"
+    svc, base = await h2_proxy(tmp_path, web, server='client_max_body_size = "1m"')
+    url = f"{base}/echo"
     big = tmp_path / "big.bin"
     big.write_bytes(pattern(16 * 1024 * 1024))
-    curl = ["curl", "--http2", "-k", "-sS", "--max-time", "30", "-w", "%{http_code} %{size_upload}\n"]
+    curl = [*CURL_H2, "-w", "%{http_code} %{size_upload}\n"]
     try:
         # the second request (--next) reuses the connection: it must still flow
         out, err, code = await run(*curl, "-o", "/dev/null", "--data-binary", f"@{big}", url,
