@@ -436,7 +436,8 @@ async def test_tunnel_link_cut_silently_both_ends_notice_within_heartbeat_timeou
         client_noticed = reactor.seconds() - cut_at
         await until(lambda: not published(), timeout=3.0)
         server_noticed = reactor.seconds() - cut_at
-        assert client_noticed <= 0.8 + 0.5 and server_noticed <= 0.8 + 0.5, (client_noticed, server_noticed)
+        bound = 0.8 + 0.2 + 0.5  # heartbeat_timeout, one check interval, scheduling on a busy machine
+        assert client_noticed <= bound and server_noticed <= bound, (client_noticed, server_noticed)
         got, _ = await exchange(http, _get("/b", "w.test", close=True))
         assert got.startswith(b"HTTP/1.1 502 "), got[:100]
 
