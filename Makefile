@@ -8,7 +8,7 @@ SRC := $(shell find wmproxy_tw twisted -name '*.py' 2>/dev/null) setup.cfg pypro
 ARGS ?=
 TEST_DEBS := curl nginx-light websockify
 
-.PHONY: install run test test-deps lint fuzz bench profile clean dashboard-shot
+.PHONY: install run test test-deps lint fuzz bench profile clean dashboard-shot soak
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,11 @@ test: test-deps lint
 # Every hypothesis property/fuzz test with many more examples (FUZZ_EXAMPLES, default 20000).
 fuzz: test-deps
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PY) -m pytest tests/unit -q -p no:randomly --timeout=3600
+
+# Mixed traffic over every capability for SOAK_S seconds (default 600): every answer checked,
+# 0 errors and RSS growth under 5% after warm-up, else exit 1.  Never part of `make test`.
+soak: test-deps
+	SOAK_S=$${SOAK_S:-600} VENV_DIR=$(VENV) $(PY) -m bench.soak
 
 # The dashboard in headless Chromium, as build/dashboard.png (installs Debian's chromium: large, so not in `test`).
 dashboard-shot: test-deps

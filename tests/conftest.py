@@ -48,3 +48,13 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         current = getattr(fn, "_hypothesis_internal_use_settings", None)
         if current is not None:
             fn._hypothesis_internal_use_settings = settings(current, max_examples=int(n), deadline=None)  # type: ignore[union-attr]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Figures a test measured (``user_properties`` named "measured") are shown after the run."""
+    lines = [value for rep in terminalreporter.stats.get("passed", [])
+             for name, value in getattr(rep, "user_properties", ()) if name == "measured"]
+    if lines:
+        terminalreporter.section("measured")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -37,7 +37,7 @@ from .config import ConfigError, Loaded, load_config
 from .config.load import load_text
 from .listen import StartupError
 
-__all__ = ["Options", "makeService", "default_config_text", "install_signal_handlers"]
+__all__ = ["Options", "makeService", "default_config_text", "install_signal_handlers", "raise_nofile_limit"]
 
 _log = Logger()
 
@@ -242,12 +242,37 @@ class Options(usage.Options):
             raise SystemExit(0)
 
 
+def raise_nofile_limit(resource_mod: Any = None) -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit (what nginx's
+    ``worker_rlimit_nofile`` is for): a proxy holds two descriptors per relayed
+    connection, and the usual soft default of 1024 caps it at a few hundred
+    clients.  An unlimited hard limit gives 65536.  Returns (before, after);
+    never fails start-up."""
+    if resource_mod is None:
+        try:
+            import resource as resource_mod
+        except ImportError:  # not on this platform
+            return (-1, -1)
+    soft, hard = resource_mod.getrlimit(resource_mod.RLIMIT_NOFILE)
+    target = 65536 if hard == resource_mod.RLIM_INFINITY else hard
+    if soft == resource_mod.RLIM_INFINITY or soft >= target:
+        return (soft, soft)
+    try:
+        resource_mod.setrlimit(resource_mod.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        _log.warn("cannot raise the open-files limit from {soft} to {target}: {e}", soft=soft, target=target, e=e)
+        return (soft, soft)
+    _log.info("open-files limit raised from {soft} to {target}", soft=soft, target=target)
+    return (soft, target)
+
+
 def makeService(options: Options) -> service.IService:
     """Build the service tree and bind every listener (fail here, loudly)."""
     from twisted.internet import reactor
 
     from .service import ProxyService, resolve_workers
 
+    raise_nofile_limit()
     loaded = options.loaded
     svc: Any
     if resolve_workers(loaded.config) > 1:

@@ -83,3 +83,27 @@ def test_unwritable_path_is_an_error(tmp_path: Path) -> None:
             LogFile(str(folder / "a.log"))
     finally:
         folder.chmod(0o700)
+
+
+def test_device_paths_are_accepted_and_write_failures_warn_once() -> None:
+    """A device such as /dev/full (or /dev/stdout) is a valid log path; when every write fails
+    (disk full) one warning is logged, not one per line, until a write works again."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        sink = LogFile("/dev/full")
+        for _ in range(5):
+            sink.write("a line")
+        sink.reopen()  # a rotation: the next failure is news again
+        sink.write("a line")
+        sink.close()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warnings = [e for e in seen if "cannot write access log" in e.get("log_format", "")]
+    assert len(warnings) == 2 and all(e["path"] == "/dev/full" for e in warnings)
+    with pytest.raises(AccessLogError):
+        LogFile(str(Path("/")))  # a folder is not a log file

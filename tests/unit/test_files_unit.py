@@ -280,3 +280,20 @@ def test_file_server_config_keys_and_wmproxy_spellings() -> None:
     fs = load_text(base + 'file_server = { precompressed = ["gzip", "br"], disable_compress = true,'
                    ' gzip_min_length = "4k" }\n', "b.toml").config.http.server[0].location[0].file_server
     assert fs.precompressed and not fs.gzip and fs.gzip_min_length == 4096
+
+
+def test_on_the_fly_gzip_of_a_file_cut_short_is_not_complete(tmp_path: Path) -> None:
+    """A text file gzipped on the fly that shrinks while being sent ends incomplete (the connection
+    is aborted), not with a complete-looking gzip stream of less content."""
+    clock = Clock()
+    clock.advance(2_000_000_000)
+    text = tmp_path / "big.txt"
+    text.write_bytes(b"0123456789abcdef" * 40000)  # beyond the small-file cache
+    h = FileHandler(FileServer(), str(tmp_path), clock=clock)
+    r = FakeRequest(b"/big.txt", headers={b"accept-encoding": b"gzip"})
+    h.render(r)
+    assert r.header(b"content-encoding") == b"gzip" and r.producer is not None
+    r.producer.resumeProducing()  # one chunk out
+    text.write_bytes(b"")  # the file is truncated under us
+    r.pull_all()
+    assert not r.finished and r.channel.transport.disconnecting  # cut, never finished

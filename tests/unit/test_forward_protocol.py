@@ -62,3 +62,27 @@ def test_flag_restricts_protocols() -> None:
     p, t, reactor = _proto('flag = "http"')
     p.dataReceived(b"\x05\x01\x00")
     assert t.value() == b"" and reactor.tcpClients == []
+
+
+def test_origin_closing_mid_body_sends_what_came_then_closes_and_aborts_later() -> None:
+    """An origin that closes inside a Content-Length body: the client gets the head and the bytes that
+    came, then a close (not an abort that would drop them); a client that never drains is aborted
+    after CLOSE_GRACE."""
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionDone
+
+    from wmproxy_tw.relay import CLOSE_GRACE
+
+    p, t, reactor = _proto()
+    p.dataReceived(b"GET http://127.0.0.1:8080/x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n")
+    _h, _port, factory, *_ = reactor.tcpClients[0]
+    up = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+    up_t = StringTransport()
+    up.makeConnection(up_t)
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    up.connectionLost(Failure(ConnectionDone()))
+    assert t.value().endswith(b"\r\n\r\n" + b"x" * 10) and t.disconnecting
+    aborted: list[bool] = []
+    t.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    reactor.advance(CLOSE_GRACE)
+    assert aborted == [True]

@@ -288,3 +288,30 @@ def test_connection_bucket_shared_per_connection() -> None:
     assert connection_bucket(a, rate, clock) is not connection_bucket(b, rate, clock)
     assert connection_bucket(Stream(a), rate, clock) is connection_bucket(a, rate, clock)
     assert connection_bucket(a, 1000.0, clock).rate == 1000.0
+
+
+def test_open_files_soft_limit_is_raised_to_the_hard_limit() -> None:
+    """At start-up the soft RLIMIT_NOFILE goes up to the hard one (65536 if unlimited); a refusal is
+    a warning, never a failed start."""
+    from wmproxy_tw.tap import raise_nofile_limit
+
+    class FakeResource:
+        RLIMIT_NOFILE, RLIM_INFINITY = 7, -1
+
+        def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
+            self.limits, self.refuse = (soft, hard), refuse
+
+        def getrlimit(self, which: int) -> tuple[int, int]:
+            return self.limits
+
+        def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+            if self.refuse:
+                raise ValueError("not allowed")
+            self.limits = limits
+
+    r = FakeResource(1024, 20000)
+    assert raise_nofile_limit(r) == (1024, 20000) and r.limits == (20000, 20000)
+    assert raise_nofile_limit(FakeResource(20000, 20000)) == (20000, 20000)
+    r = FakeResource(1024, -1)
+    assert raise_nofile_limit(r) == (1024, 65536) and r.limits == (65536, -1)
+    assert raise_nofile_limit(FakeResource(1024, 4096, refuse=True)) == (1024, 1024)

@@ -155,3 +155,51 @@ headers = ["+ X-Rule {method}"]
     assert out.startswith(b"HTTP/1.1 201 ") and out.endswith(b"hi 192.168.1.1 /hello/world x=1")
     assert b"Content-Type: text/html\r\n" in out and b"X-A: 1\r\n" in out and b"X-Rule: GET\r\n" in out
     assert b"Content-Length: 31\r\n" in out and b" 201 Created\r\n" in out
+
+
+@implementer(IHandler)
+class Broken:
+    """A handler whose body source fails midway (an upstream or a file that died)."""
+
+    streams_body = False
+
+    def render(self, request: Any, ctx: LocationCtx) -> None:
+        from wmproxy_tw.reverse.request import end_incomplete
+
+        request.setHeader(b"content-type", b"text/plain")
+        request.write(b"first part")
+        end_incomplete(request)
+
+
+def test_end_incomplete_sends_what_was_written_then_closes_without_the_last_chunk() -> None:
+    """A response that cannot be completed: the bytes written so far go out, then a close (not an
+    abort that would drop them), no terminating chunk, and the access log says it was not complete."""
+    from wmproxy_tw.observe.accesslog import AccessLogger, MemorySink
+    from wmproxy_tw.headers import Template
+    from wmproxy_tw.reverse.channel import CLOSE_GRACE
+
+    site, clock = site_with(("/", Broken(), []))
+    sink = MemorySink()
+    site.vhosts.default.locations[0].access_log = AccessLogger(Template("{status} {body_bytes_sent} "
+                                                                        "[{request_completion}]"), sink)
+    ch, t = connect(site)
+    ch.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    out = t.value()
+    assert out.startswith(b"HTTP/1.1 200 ") and b"\r\n\r\na\r\nfirst part\r\n" in out
+    assert not out.endswith(b"0\r\n\r\n") and t.disconnecting and not getattr(t, "aborted", False)
+    clock.advance(CLOSE_GRACE)  # the client never drained it: aborted after the grace
+    ch.connectionLost(None)
+    assert sink.lines == ["200 10 []"]
+
+
+def test_request_completion_is_ok_for_a_finished_response() -> None:
+    """{request_completion} is OK once the response ended normally (nginx's $request_completion)."""
+    from wmproxy_tw.observe.accesslog import AccessLogger, MemorySink
+    from wmproxy_tw.headers import Template
+
+    site, _ = site_with(("/", Recorder(), []))
+    sink = MemorySink()
+    site.vhosts.default.locations[0].access_log = AccessLogger(Template("{status} [{request_completion}]"), sink)
+    ch, t = connect(site)
+    ch.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sink.lines == ["200 [OK]"] and not t.disconnecting

@@ -24,7 +24,7 @@ from ..config.model import Proxy
 from ..connect import TargetPolicy, UpstreamError, connect, quiet_factory
 from ..observe.stats import NULL_STATS, Stats
 from ..h11compat import h11
-from ..relay import A, B, Splice, SpliceProtocol
+from ..relay import CLOSE_GRACE, A, B, Splice, SpliceProtocol
 from . import socks5
 from .httphead import HttpHeadError, RequestHead, hop_by_hop_clean, parse_basic_auth, parse_proxy_target
 from .udp import UdpAssociation
@@ -208,6 +208,15 @@ class ForwardProtocol(Protocol):
     def _abort(self) -> None:
         if not self._closed:
             self.transport.abortConnection()
+
+    def _close_incomplete(self) -> None:
+        """A response that cannot be completed: send what was written, then close without the
+        body's end (fewer bytes than Content-Length, no last chunk); abort after CLOSE_GRACE."""
+        if self._closed or self.mode == "closing":
+            return
+        self.mode = "closing"
+        self.transport.loseConnection()
+        self._deadline = self.reactor.callLater(CLOSE_GRACE, self._abort)
 
     def drain(self) -> None:
         """Close now if between requests; otherwise after the current response."""
@@ -464,7 +473,7 @@ class ForwardProtocol(Protocol):
             self._http_error(err.status, err.reason)
         else:
             # the response had started: never pass a truncated body off as complete
-            self._abort()
+            self._close_incomplete()
 
     def upstream_response(self, ev: h11.Response | h11.InformationalResponse) -> None:
         conn = self.http

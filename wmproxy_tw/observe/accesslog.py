@@ -64,7 +64,8 @@ class IAccessLogSink(Interface):
 def _check_writable(path: str) -> None:
     """AccessLogError unless ``path`` can be appended to (or created): no side effects."""
     if os.path.exists(path):
-        ok = os.path.isfile(path) and os.access(path, os.W_OK)
+        # a regular file, or a device/pipe such as /dev/stdout (not a folder)
+        ok = not os.path.isdir(path) and os.access(path, os.W_OK)
     else:
         folder = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(folder):
@@ -87,6 +88,7 @@ class LogFile:
         self.path = path
         self._fh: Any = None
         self._failed = False  # opening failed (warned once); retried by reopen()
+        self._write_failing = False  # writes fail (disk full): warned once until one succeeds
         self._closed = False
         _check_writable(path)
 
@@ -110,12 +112,19 @@ class LogFile:
         try:
             self._fh.write(line.encode("latin-1", "replace") + b"\n")
         except OSError as e:
-            _log.warn("cannot write access log {path}: {why}", path=self.path, why=e.strerror or str(e))
+            if not self._write_failing:  # once per episode, not once per request
+                self._write_failing = True
+                _log.warn("cannot write access log {path}: {why} (lines are dropped until it works again)",
+                          path=self.path, why=e.strerror or str(e))
+            return
+        if self._write_failing:
+            self._write_failing = False
+            _log.info("access log {path} is written again", path=self.path)
 
     def reopen(self) -> None:
         """After rotation: the next line goes to a fresh file at the path."""
         old, self._fh = self._fh, None
-        self._failed = False
+        self._failed = self._write_failing = False
         if old is not None:
             old.close()
 

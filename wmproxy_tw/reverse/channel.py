@@ -432,6 +432,14 @@ class HTTP11Channel(Protocol):
         if request is self._request:
             self._persistent = False
 
+    def close_incomplete(self, request: Any) -> None:
+        """The response to ``request`` cannot be completed (its upstream or file failed): send
+        what was written, then close without ending the body (no last chunk), so the client sees
+        a short body and a close, never a complete-looking one.  Aborted after CLOSE_GRACE."""
+        if request is self._request:
+            self._persistent = False
+            self._close()
+
     def _pause_reading(self, why: str) -> None:
         if not self._read_pauses and not self._closing:
             self.transport.pauseProducing()

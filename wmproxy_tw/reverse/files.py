@@ -51,6 +51,7 @@ from .conditional import (
 )
 from .http2 import serve_h2
 from .mime import MimeTable, compressible
+from .request import end_incomplete
 
 __all__ = ["FileCache", "FileHandler", "FileResource", "FileSender", "PathError", "as_raw", "file_site",
            "split_path"]
@@ -266,17 +267,6 @@ class FileSender:
 
 
 # ---------------------------------------------------------------- the handler
-
-def _abort(request: Any) -> None:
-    """End a response whose body can't be completed: never pass it off as whole."""
-    channel = request.channel
-    if channel is None:
-        return
-    abort = getattr(channel, "abortConnection", None)  # an HTTP/2 stream: reset it
-    if abort is None:
-        abort = channel.transport.abortConnection
-    abort()
-
 
 def _human(size: int) -> str:
     value = float(size)
@@ -536,7 +526,7 @@ class FileHandler:
             elif method == "HEAD":
                 request.finish()
             else:
-                self._send_file(request, real, 0, None, self._compressor())
+                self._send_file(request, real, 0, size, self._compressor())  # a file cut short is noticed
             return
         request.setHeader(b"content-length", str(length).encode())
         if method == "HEAD":
@@ -620,7 +610,7 @@ class FileHandler:
             if ok:
                 request.finish()
             else:
-                _abort(request)
+                end_incomplete(request)
 
         def lost(_: Any) -> None:
             gone.append(True)

@@ -47,6 +47,7 @@ from ..limits import PacedTransport, Throttle, connection_bucket
 from ..relay import A, B, Splice
 from .h1 import reason, request_head
 from .handlers import IBodyReader, respond_error
+from .request import end_incomplete
 
 __all__ = ["Exchange", "IDEMPOTENT", "forwarded_headers", "response_fields"]
 
@@ -380,9 +381,7 @@ class Exchange:
             _log.info("reverse proxy: {url} → {member}: {why}: closing the client connection",
                       url=self._url(), member=self.member.addr_str, why=err.reason)
             self.client_gone()
-            req = self.request
-            if not req._disconnected and req.channel is not None:
-                req.channel.transport.abortConnection()  # never pass a truncated body off as complete
+            end_incomplete(self.request)  # never pass a truncated body off as complete
             return
         self._drop_conn(abort=True)
         self._member_failed(err, retry=False)

@@ -36,9 +36,27 @@ from ..headers import RequestVars, apply_header_rules
 from .h1 import normalize_path
 from .route import RouteInfo
 
-__all__ = ["ReverseRequest"]
+__all__ = ["ReverseRequest", "end_incomplete"]
 
 REPLAY_CHUNK = 64 * 1024
+
+
+def end_incomplete(request: Any) -> None:
+    """End a response whose body cannot be completed: what was written is sent, then the
+    connection closes without the body's end (no last chunk; fewer bytes than Content-Length),
+    so it is never passed off as whole.  An HTTP/2 stream is reset."""
+    channel = request.channel
+    if channel is None or request._disconnected:
+        return
+    close = getattr(channel, "close_incomplete", None)
+    if close is not None:
+        close(request)
+        return
+    abort = getattr(channel, "abortConnection", None)  # an HTTP/2 stream: reset it
+    if abort is None:
+        abort = channel.transport.abortConnection
+    abort()
+
 
 
 class ReverseRequest(server.Request):
@@ -69,6 +87,8 @@ class ReverseRequest(server.Request):
     on_gone: Optional[Callable[[], None]] = None
     _vars: Optional[RequestVars] = None
     _logged = False
+    #: False when the connection ended before the response did ({request_completion}).
+    completed = False
     _replay: Optional["_ContentReplay"] = None
     _raw_headers: Optional[list[tuple[bytes, bytes]]] = None
     _request_headers: Optional[Headers] = None
@@ -352,6 +372,7 @@ class ReverseRequest(server.Request):
         if self._logged:
             return
         self._logged = True
+        self.completed = not aborted
         ctx = self.ctx
         logger = getattr(ctx, "access_log", None)
         if logger is not None:
@@ -400,6 +421,7 @@ _LOG_VARS: dict[str, Callable[[ReverseRequest], str]] = {
     "cookie": _header("cookie"),
     "ssl_protocol": _ssl_protocol,
     "protocol": lambda r: r.clientproto.decode("latin-1"),
+    "request_completion": lambda r: "OK" if r.completed else "",  # as nginx's $request_completion
 }
 
 def _discard(data: bytes) -> None:
