@@ -140,6 +140,12 @@ class FleetFeature(Feature):
         if available and self._beat is not None:
             self.heartbeat()  # re-register at once after an outage
 
+    def shared_zone(self, name: str, spec: Any) -> Any:
+        """A ``limit_req_zone ... shared`` decided through this fleet's Redis."""
+        from .limits import SharedRequestZone
+
+        return SharedRequestZone(name, spec, self.reactor, self)
+
     # -- the node record ---------------------------------------------------------------
     def record(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "advertise": str(self.settings.advertise) if self.settings.advertise else None,
