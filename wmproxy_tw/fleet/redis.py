@@ -98,7 +98,19 @@ class _Hooks:
 
 
 class _CommandProtocol(_Hooks, txredisapi.RedisProtocol):  # type: ignore[misc, valid-type]
-    pass
+    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+        """RESP in one join (txredisapi's builds it byte by byte: a third of a shared
+        limit_req check's client-side cost)."""
+        parts = [b"*%d\r\n" % len(args)]
+        for a in args:
+            if isinstance(a, str):
+                b = a.encode()
+            elif isinstance(a, (bytes, bytearray, memoryview)):
+                b = bytes(a)
+            else:  # numbers
+                b = (format(a, "f") if isinstance(a, float) else str(a)).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return b"".join(parts)
 
 
 class _SubscriberProtocol(_Hooks, txredisapi.SubscriberProtocol):  # type: ignore[misc, valid-type]
