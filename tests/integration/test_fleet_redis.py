@@ -17,6 +17,17 @@ pytestmark = pytest.mark.integration
 INCR = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 
 
+async def never_available(url: str, **kw: Any) -> None:
+    """A manager for ``url`` never becomes available (retrying meanwhile)."""
+    bad = RedisManager(reactor, url, max_delay=0.05, **kw)
+    bad.start()
+    try:
+        with pytest.raises(RedisUnavailable):
+            await bad.when_available(0.5)
+    finally:
+        await bad.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_commands_scripts_and_noscript_fallback(redis_server: Any) -> None:
     """Commands run; a script runs by EVALSHA and again after SCRIPT FLUSH (NOSCRIPT → EVAL)."""
@@ -101,11 +112,7 @@ async def test_password_and_db_from_the_url(tmp_path: Any) -> None:
         await good.execute("SELECT", "0")
         assert await good.execute("DBSIZE") == 0
         await good.stop()
-        bad = RedisManager(reactor, f"redis://:wrong@127.0.0.1:{server.port}/0", max_delay=0.05)
-        bad.start()
-        with pytest.raises(RedisUnavailable):
-            await bad.when_available(0.5)
-        await bad.stop()
+        await never_available(f"redis://:wrong@127.0.0.1:{server.port}/0")
     finally:
         await server.stop()
 
@@ -228,10 +235,9 @@ async def test_rediss_verified_with_tls_ca(tmp_path: Any) -> None:
     from ..tlsutil import make_cert
 
     cert, key = make_cert(tmp_path, "localhost")
-    server = RedisServer(tmp_path)
     tls_port = free_port()
-    server.extra = ["--tls-port", str(tls_port), "--tls-cert-file", cert, "--tls-key-file", key,
-                    "--tls-ca-cert-file", cert, "--tls-auth-clients", "no"]
+    server = RedisServer(tmp_path, "--tls-port", str(tls_port), "--tls-cert-file", cert, "--tls-key-file", key,
+                         "--tls-ca-cert-file", cert, "--tls-auth-clients", "no")
     await server.start()
     try:
         good = RedisManager(reactor, f"rediss://localhost:{tls_port}/0", tls_ca=cert)
@@ -241,10 +247,6 @@ async def test_rediss_verified_with_tls_ca(tmp_path: Any) -> None:
         await good.stop()
         (tmp_path / "other").mkdir()
         other, _ = make_cert(tmp_path / "other", "localhost")
-        bad = RedisManager(reactor, f"rediss://localhost:{tls_port}/0", tls_ca=other, max_delay=0.05)
-        bad.start()
-        with pytest.raises(RedisUnavailable):
-            await bad.when_available(0.5)
-        await bad.stop()
+        await never_available(f"rediss://localhost:{tls_port}/0", tls_ca=other)
     finally:
         await server.stop()

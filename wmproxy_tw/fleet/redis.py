@@ -286,7 +286,7 @@ class RedisManager:
                                   consumeErrors=True).addCallback(lambda _: None)
 
     def _endpoint(self) -> Any:
-        ep = HostnameEndpoint(self.reactor, self.url.host, self.url.port, timeout=self.connect_timeout)
+        ep: Any = HostnameEndpoint(self.reactor, self.url.host, self.url.port, timeout=self.connect_timeout)
         if self.url.tls:
             from ..tls import client_creator
 
