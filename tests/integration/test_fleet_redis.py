@@ -17,6 +17,16 @@ pytestmark = pytest.mark.integration
 INCR = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 
 
+async def heard(r: RedisManager, channel: str, got: list[str]) -> None:
+    """Publish on ``channel`` until a subscriber is there; its callback filled ``got``."""
+    before = len(got)
+    for _ in range(100):
+        if await r.publish(channel, "hello"):
+            break
+        await deferLater(0.05)
+    await until(lambda: len(got) > before and got[-1] == "hello")
+
+
 async def never_available(url: str, **kw: Any) -> None:
     """A manager for ``url`` never becomes available (retrying meanwhile)."""
     bad = RedisManager(reactor, url, max_delay=0.05, **kw)
@@ -81,13 +91,7 @@ async def test_outage_and_recovery(redis_server: Any, fleet_log: list[str]) -> N
         await redis_server.start()
         await r.when_available(5)
         assert await r.execute("SCRIPT", "EXISTS", INCR.sha) == [1]
-        # the subscriber connection came back too and re-subscribed
-        await until(lambda: r._subscriber.proto is not None)
-        for _ in range(50):
-            if await r.publish("ch", "hello"):
-                break
-            await deferLater(0.05)
-        await until(lambda: got == ["hello"])
+        await heard(r, "ch", got)  # the subscriber connection came back too and re-subscribed
     finally:
         await r.stop()
     assert changes == [True, False, True]
@@ -210,11 +214,16 @@ async def test_failed_reload_leaves_the_fleet_alone(redis_server: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_hanging_redis_is_an_outage(redis_server: Any, fleet_log: list[str]) -> None:
-    """Redis frozen (SIGSTOP): the reply deadline fails the command and starts an outage; SIGCONT: back."""
+    """Redis frozen (SIGSTOP): the reply deadline fails the command and starts an outage; SIGCONT: both
+    connections back (the subscriber one, which could not notice, is opened again too)."""
     r = RedisManager(reactor, redis_server.url, reply_timeout=0.3, connect_timeout=0.3, max_delay=0.1)
+    got: list[str] = []
+    r.subscribe("ch", lambda _c, m: got.append(m))
     r.start()
     try:
         await r.when_available(5)
+        await heard(r, "ch", got)
+        first = r._subscriber.proto
         redis_server.proc.signal("STOP")
         with pytest.raises(RedisUnavailable):
             await r.execute("PING")
@@ -222,6 +231,8 @@ async def test_a_hanging_redis_is_an_outage(redis_server: Any, fleet_log: list[s
         redis_server.proc.signal("CONT")
         await r.when_available(5)
         assert await r.execute("PING") == "PONG"
+        await heard(r, "ch", got)
+        assert r._subscriber.proto is not first  # opened again with the command connection
     finally:
         redis_server.proc.signal("CONT")
         await r.stop()

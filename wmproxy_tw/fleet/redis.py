@@ -214,6 +214,11 @@ class _Link:
             self._delay = min(self._delay * 2, self.manager.max_delay)
             self._timer = self.manager.reactor.callLater(delay, self._connect)
 
+    def reset(self) -> None:
+        """Drop the connection (if any); it is opened again as after a loss."""
+        if self.proto is not None and self.proto.transport is not None:
+            self.proto.transport.abortConnection()
+
     def stop(self) -> defer.Deferred[None]:
         """Close without re-connecting; fires when the connection is gone."""
         self.running = False
@@ -351,6 +356,9 @@ class RedisManager:
             _log.warn("fleet: Redis at {url} unavailable ({reason}); retrying in the background, "  # noqa: G010
                       "nodes decide locally meanwhile", url=str(self.url), reason=reason)
         if was:
+            # the subscriber connection may be as dead as this one without noticing (it only
+            # reads): open it again along with the command connection
+            self._subscriber.reset()
             self._notify(False)
 
     def _notify(self, available: bool) -> None:
