@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from typing import Any
 
 import pytest
@@ -61,6 +63,8 @@ async def test_commands_scripts_and_noscript_fallback(redis_server: Any) -> None
         await r.execute("SCRIPT", "FLUSH")
         assert await r.run(INCR, ["n"], [3]) == 5
         assert await r.execute("SCRIPT", "EXISTS", INCR.sha) == [1]  # cached again by EVAL
+        sock = r._commands.proto.transport.getHandle()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # no Nagle delay on commands
     finally:
         await r.stop()
     with pytest.raises(RedisUnavailable):

@@ -177,6 +177,7 @@ class _Link:
     def _connected(self, proto: Any) -> Any:
         self._connecting = None
         self._pending = proto
+        _no_delay(proto.transport)
         # whenConnected fires after AUTH/SELECT; a failure there closes the connection (→ lost)
         return proto.whenConnected().addCallback(self._ready)
 
@@ -453,6 +454,13 @@ class RedisManager:
                 cb(channel, message)
             except Exception:
                 _log.failure("fleet: subscriber of {channel} failed", channel=channel)
+
+
+def _no_delay(transport: Any) -> None:
+    """TCP_NODELAY (as Redis clients do): a command waiting for Nagle is latency added to a request."""
+    tcp = transport if hasattr(transport, "setTcpNoDelay") else getattr(transport, "transport", None)  # TLS: below
+    if tcp is not None and hasattr(tcp, "setTcpNoDelay"):
+        tcp.setTcpNoDelay(True)
 
 
 def _unavailable(f: Failure, url: RedisURL) -> Failure:
