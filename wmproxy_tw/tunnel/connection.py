@@ -539,7 +539,7 @@ class TunnelConnection(Protocol):
             for item in self.decoder.feed_data(data):
                 if self._closing:
                     return
-                if type(item) is tuple:  # DATA bytes of one stream: the fast path
+                if isinstance(item, tuple):  # DATA bytes of one stream: the fast path
                     stream_id, payload = item
                     if mux.receive_data(stream_id, payload):
                         stream = streams.get(stream_id)
