@@ -433,6 +433,7 @@ def interleave(ops: list[tuple[str, int, int]], max_window: int | None) -> None:
     if max_window is not None:  # auto-tuning: each stream may grow to 4000, 5000 in all
         link.client.max_window = max_window
         link.client.window_budget = link.client._budget_left = 5000
+        link.client.grow_after = 1
     ids = [link.server.open_stream("web")[0] for _ in range(3)]
     link.to_client([Open(i, "web") for i in ids])
     sent = {i: bytearray() for i in ids}

@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 
-GROW_AFTER = 4
+GROW_AFTER = 8
 """A stream's window may double once this many windows' worth was consumed since it last grew."""
 
 
@@ -252,10 +252,10 @@ class Multiplexer:
     together.  ``max_data_frame`` is the largest ``DATA`` payload this side sends.
 
     Window auto-tuning (off by default): with ``max_window`` above ``initial_window``, a stream
-    whose reader consumed :data:`GROW_AFTER` windows' worth since its window last grew gets the
-    window doubled (the extra credit rides on the next ``WINDOW_UPDATE``), up to ``max_window``
-    per stream and ``window_budget`` bytes of growth over all streams of the connection (given
-    back when a stream ends).  Bulk streams thus reach large windows after a few MiB, short
+    whose reader consumed ``grow_after`` (:data:`GROW_AFTER`) windows' worth since its window
+    last grew gets the window doubled (the extra credit rides on the next ``WINDOW_UPDATE``), up
+    to ``max_window`` per stream and ``window_budget`` bytes of growth over all streams of the
+    connection (given back when a stream ends).  Bulk streams thus reach large windows after a few MiB, short
     exchanges keep the initial one, and buffered data stays bounded by
     ``max_streams * initial_window + window_budget``: a reader that stalls early never grows its
     window, one that stalls later stops its stream at the window it has then.
@@ -287,6 +287,7 @@ class Multiplexer:
         self.max_window = max_window
         self.window_budget = window_budget if max_window > initial_window else 0
         self._budget_left = self.window_budget
+        self.grow_after = GROW_AFTER
         self.peer_window: int | None = None
         self._phase = _Phase.HANDSHAKE
         self._hello_done = False  # client: HELLO sent; server: HELLO received
@@ -503,7 +504,7 @@ class Multiplexer:
         if stream.remote_closed or stream.to_return < max(1, stream.window >> 1):
             return []
         increment, stream.to_return = stream.to_return, 0
-        if stream.consumed >= GROW_AFTER * stream.window:
+        if stream.consumed >= self.grow_after * stream.window:
             grow = min(stream.window, self.max_window - stream.window, self._budget_left)
             if grow > 0:
                 stream.window += grow
