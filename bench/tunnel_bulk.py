@@ -32,12 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from .peers import Ctx
 from .procs import Proc, free_port
+from .scenarios import TUNNEL_DOMAIN, TcpRelay
+from .scenarios import Tunnel as TunnelScenario
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BLOCK = 1024 * 1024
-DOMAIN = "bench.localhost"
+DOMAIN = TUNNEL_DOMAIN
 TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
@@ -161,40 +164,23 @@ def start_ours(work: Path, name: str, body: str, ports: tuple[int, ...], src: Pa
     return p
 
 
+def scenario_ctx(work: Path, service: int, origin: int | None) -> Ctx:
+    """The bench context the scenarios' configs need: the bulk service stands in for iperf3."""
+    return Ctx(repo=REPO, work=work, quick=False, origin_port=origin or free_port(), iperf_port=service)
+
+
 class Tunnel:
+    """Tunnel server + client with the ``tunnel_tcp``/``tunnel_http`` scenarios' configs."""
+
     def __init__(self, work: Path, name: str, src: Path, service: int, origin: int | None,
                  cprofile: bool = False, env: dict[str, str] | None = None) -> None:
         self.name = name
-        center, self.tcp_port, self.http_port = free_port(), free_port(), free_port()
-        server = f"""[proxy]
-mode = "server"
-center_addr = "127.0.0.1:{center}"
-username = "bench"
-password = "bench"
-map_tcp_bind = "127.0.0.1:{self.tcp_port}"
-map_http_bind = "127.0.0.1:{self.http_port}"
-"""
-        client = f"""[proxy]
-mode = "client"
-server = "127.0.0.1:{center}"
-username = "bench"
-password = "bench"
-
-[[proxy.mappings]]
-name = "tcp"
-mode = "tcp"
-local_addr = "127.0.0.1:{service}"
-"""
-        if origin:
-            client += f"""
-[[proxy.mappings]]
-name = "web"
-mode = "http"
-local_addr = "127.0.0.1:{origin}"
-domain = "{DOMAIN}"
-"""
-        self.server = start_ours(work, f"{name}-server", server, (center, self.tcp_port, self.http_port), src,
-                                 cprofile, env)
+        sc = TunnelScenario(scenario_ctx(work, service, origin))
+        configs = sc.ours_configs()
+        server, ports = configs["ours-tunnel-server"]
+        client, _ = configs["ours-tunnel-client"]
+        self.tcp_port, self.http_port = sc.p("ours-tcp"), sc.p("ours-http")
+        self.server = start_ours(work, f"{name}-server", server, ports, src, cprofile, env)
         self.client = start_ours(work, f"{name}-client", client, (), src, cprofile, env)
         self.procs = {"server": self.server, "client": self.client}
         deadline = time.monotonic() + 20
@@ -209,14 +195,10 @@ domain = "{DOMAIN}"
 
 
 def start_relay(work: Path, service: int) -> tuple[int, Proc]:
-    port = free_port()
-    body = f"""[stream]
-
-[[stream.server]]
-bind_addr = "127.0.0.1:{port}"
-proxy_url = "tcp://127.0.0.1:{service}"
-"""
-    return port, start_ours(work, "relay", body, (port,), REPO)
+    """Our stream relay (the ``tcp_relay_1`` scenario's config) in front of the bulk service."""
+    sc = TcpRelay(scenario_ctx(work, service, None), 1)
+    body, ports = sc.ours_configs()["ours"]
+    return ports[0], start_ours(work, "relay", body, ports, REPO)
 
 
 def wrk_p50(port: int, seconds: int) -> float:

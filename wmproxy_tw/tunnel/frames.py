@@ -799,12 +799,9 @@ class FrameDecoder:
         end = len(data)
         if not end:
             return
-        offset = 0
-        if self._buffer or self._header is not None:
-            done = self._complete_pending_data(data, out)
-            if done is None:
-                return
-            offset = done
+        offset = self._complete_pending(data, out, open_data=True)
+        if offset is None:
+            return
         view = memoryview(data)
         run_stream = 0  # the stream whose consecutive DATA pieces are being collected
         run: list[memoryview] = []
@@ -853,27 +850,31 @@ class FrameDecoder:
         if offset < end:
             self._buffer += view[offset:]
 
-    def _complete_pending_data(self, data: bytes,
-                               out: list[Frame | tuple[int, bytes]]) -> int | None:
-        """:meth:`_complete_pending` for :meth:`feed_data`: a completed DATA header opens a payload."""
+    def _complete_pending(self, data: bytes, out: list[Any], open_data: bool = False) -> int | None:
+        """Finish the frame begun by earlier calls; bytes of ``data`` used, None if all of them.
+
+        With ``open_data`` (:meth:`feed_data`), a completed DATA header opens the payload, whose
+        bytes are then handed out as they come, instead of buffering it.
+        """
         buffer = self._buffer
+        if not buffer and self._header is None:
+            return 0
         used = 0
+        view = memoryview(data)
         if self._header is None:
-            used = min(HEADER_SIZE - len(buffer), len(data))
-            buffer += data[:used]
+            used = min(HEADER_SIZE - len(buffer), len(view))
+            buffer += view[:used]
             if len(buffer) < HEADER_SIZE:
                 return None
             self._header = self._parse_header(buffer, 0)
             buffer.clear()
-            frame_type, stream_id, length = self._header
-            if frame_type == _DATA:
+            if open_data and self._header[0] == _DATA:
+                _type, self._data_stream, self._data_left = self._header
                 self._header = None
-                self._data_left = length
-                self._data_stream = stream_id
                 return used
         frame_type, stream_id, length = self._header
-        take = min(length - len(buffer), len(data) - used)
-        buffer += data[used:used + take]
+        take = min(length - len(buffer), len(view) - used)
+        buffer += view[used:used + take]
         used += take
         if len(buffer) < length:
             return None
@@ -881,32 +882,6 @@ class FrameDecoder:
         buffer.clear()
         self._header = None
         out.append(self._build(frame_type, stream_id, payload))
-        return used
-
-    def _complete_pending(self, data: bytes, frames: list[Frame]) -> int | None:
-        """Finish the frame begun by earlier calls; bytes of ``data`` used, None if all of them."""
-        buffer = self._buffer
-        if not buffer and self._header is None:
-            return 0
-        used = 0
-        with memoryview(data) as view:
-            if self._header is None:
-                used = min(HEADER_SIZE - len(buffer), len(view))
-                buffer += view[:used]
-                if len(buffer) < HEADER_SIZE:
-                    return None
-                self._header = self._parse_header(buffer, 0)
-                buffer.clear()
-            frame_type, stream_id, length = self._header
-            take = min(length - len(buffer), len(view) - used)
-            buffer += view[used:used + take]
-            used += take
-        if len(buffer) < length:
-            return None
-        payload = bytes(buffer)
-        buffer.clear()
-        self._header = None
-        frames.append(self._build(frame_type, stream_id, payload))
         return used
 
     def _parse_header(self, buffer: bytearray | memoryview, offset: int) -> tuple[int, int, int]:

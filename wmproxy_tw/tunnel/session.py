@@ -661,19 +661,8 @@ class Multiplexer:
         return stream
 
     def _receive_data(self, frame: Data) -> list[Event]:
-        stream = self._stream_for_remote_frame(frame)
-        if stream is None:
+        if not self.receive_data(frame.stream_id, frame.data):
             return []  # crossed our RESET on the wire
-        if stream.remote_closed:
-            raise _stream_error(f"DATA on stream {frame.stream_id} after its CLOSE")
-        size = len(frame.data)
-        if size > stream.recv_window:
-            raise TunnelProtocolError(
-                ErrorCode.FLOW_CONTROL_ERROR,
-                f"DATA of {size} bytes on stream {frame.stream_id} exceeds the "
-                f"{stream.recv_window} bytes of credit granted")
-        stream.recv_window -= size
-        stream.unconsumed += size
         return [StreamData(frame.stream_id, frame.data)]
 
     def receive_data(self, stream_id: int, data: bytes) -> bool:
