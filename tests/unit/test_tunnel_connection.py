@@ -213,14 +213,17 @@ def test_stalled_reader_stops_only_its_own_stream() -> None:
 
 def test_credit_returns_only_once_downstream_accepts() -> None:
     """Bytes delivered while the downstream pauses are consumed (credit returned) only on resume."""
-    pair = Pair(window=4096, chunk=1024)
+    pair = Pair(window=4096, chunk=1024, max_window=4096)  # no auto-tuning: exact credit
     stream, _ = pair.open()
     pair.pump()
     reader = pair.server.opened[0]
     reader.pause_on_data = True
-    stream.write(b"x" * 4096)
+    stream.write(b"x" * 1024)
     pair.pump()
-    assert len(reader.data) == 1024  # one frame delivered, then the reader paused
+    assert len(reader.data) == 1024  # delivered, then the reader paused
+    stream.write(b"x" * 3072)
+    pair.pump()
+    assert len(reader.data) == 1024  # held by the paused stream
     assert pair.client.mux.send_window(stream.id) == 0
     reader.pause_on_data = False
     reader.transport.resumeProducing()
@@ -427,3 +430,32 @@ def test_go_away_cuts_streams_after_the_grace_period() -> None:
     assert not pair.ct.disconnecting
     pair.clock.advance(CLOSE_GRACE)
     assert pair.ct.disconnecting
+
+
+def test_busy_stream_window_grows_within_its_bound() -> None:
+    """A stream moving many windows' worth gets a larger window, at most max_window."""
+    pair = Pair(window=4096, chunk=1024, max_window=16384, window_budget=65536)
+    stream, _ = pair.open()
+    pair.pump()
+    blob = bytes(range(256)) * 800  # 204 800 bytes
+    stream.write(blob)
+    for _ in range(100):
+        pair.pump()
+    assert bytes(pair.server.opened[0].data) == blob
+    assert pair.server.mux._streams[stream.id].window == 16384
+    assert pair.client.mux.send_window(stream.id) <= 16384
+
+
+def test_credit_for_one_read_leaves_in_one_write() -> None:
+    """The WINDOW_UPDATEs a read of several streams' DATA causes go out in one write."""
+    pair = Pair(window=4096, chunk=1024, max_window=4096)
+    streams = [pair.open()[0] for _ in range(3)]
+    pair.pump()
+    for stream in streams:
+        stream.write(b"w" * 2048)
+    writes: list[object] = []
+    pair.st.writeSequence = writes.append  # type: ignore[method-assign]
+    pair.server.dataReceived(pair.ct.value())
+    assert len(writes) == 1
+    updates = FrameDecoder().feed(b"".join(writes[0]))  # type: ignore[arg-type]
+    assert sorted(f.stream_id for f in updates) == sorted(s.id for s in streams)

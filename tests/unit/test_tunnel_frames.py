@@ -37,6 +37,7 @@ from wmproxy_tw.tunnel.frames import (
     WindowUpdate,
     encode,
     encode_all,
+    encode_data,
     error_frame,
 )
 
@@ -170,6 +171,93 @@ def test_arbitrary_splits_round_trip(sample: list[Frame], data: st.DataObject) -
     assert decoder.buffered == 0
 
 
+# --- the data path: encode_data, feed_data --------------------------------------------------------
+
+
+def merged(items: list[Frame | tuple[int, bytes]]) -> list[Frame | tuple[int, bytes]]:
+    """DATA as ``(stream_id, bytes)``, consecutive pieces of one stream joined."""
+    out: list[Frame | tuple[int, bytes]] = []
+    for item in items:
+        if isinstance(item, Data):
+            item = (item.stream_id, item.data)
+        if isinstance(item, tuple) and out and isinstance(out[-1], tuple) \
+                and out[-1][0] == item[0]:
+            out[-1] = (item[0], out[-1][1] + item[1])
+        else:
+            out.append(item)
+    return out
+
+
+@FAST
+@given(stream_ids, st.binary(min_size=1, max_size=5000), st.integers(1, 2000))
+def test_encode_data_is_data_frames(stream_id: int, data: bytes, max_frame: int) -> None:
+    """encode_data gives the bytes of DATA frames of at most max_frame, in order."""
+    frames = [Data(stream_id, data[i:i + max_frame]) for i in range(0, len(data), max_frame)]
+    assert encode_data(stream_id, data, max_frame) == encode_all(frames)
+    assert encode_data(stream_id, memoryview(data), max_frame) == encode_all(frames)
+
+
+@FAST
+@given(st.lists(frames | st.builds(Data, st.sampled_from([1, 2]),
+                                   st.binary(min_size=1, max_size=3000)), max_size=10), st.data())
+def test_feed_data_arbitrary_splits(sample: list[Frame], data: st.DataObject) -> None:
+    """feed_data over any split gives every frame, DATA as pieces that join to the payloads."""
+    wire = encode_all(sample)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=10)))
+    decoder = FrameDecoder()
+    out: list[Frame | tuple[int, bytes]] = []
+    start = 0
+    for cut in [*cuts, len(wire)]:
+        out += decoder.feed_data(wire[start:cut])
+        start = cut
+    assert all(len(item[1]) > 0 for item in out if isinstance(item, tuple))
+    assert merged(out) == merged(list(sample))
+    assert decoder.buffered == 0
+
+
+def test_feed_data_one_byte_at_a_time() -> None:
+    """One byte per read still gives every frame and every DATA byte, in order."""
+    wire = encode_all(SAMPLES)
+    decoder = FrameDecoder()
+    out: list[Frame | tuple[int, bytes]] = []
+    for i in range(len(wire)):
+        out += decoder.feed_data(wire[i:i + 1])
+    assert merged(out) == merged(list(SAMPLES))
+
+
+def test_feed_data_joins_a_run_and_passes_payload_reads_uncopied() -> None:
+    """Consecutive DATA of a stream come out as one piece; a read of pure payload is itself."""
+    decoder = FrameDecoder()
+    run = encode_all([Data(1, b"a" * 100), Data(1, b"b" * 100), Data(3, b"c"), Close(3)])
+    assert decoder.feed_data(run) == [(1, b"a" * 100 + b"b" * 100), (3, b"c"), Close(3)]
+    big = encode(Data(5, b"x" * 60000))
+    assert decoder.feed_data(big[:1000]) == [(5, b"x" * (1000 - HEADER_SIZE))]
+    assert decoder.buffered == 0  # DATA payloads are handed out, never buffered
+    middle = big[1000:50000]
+    [(stream_id, piece)] = decoder.feed_data(middle)
+    assert stream_id == 5 and piece is middle
+    assert decoder.feed_data(big[50000:] + encode(Close(5))) == [(5, big[50000:]), Close(5)]
+
+
+def test_feed_data_checks_like_feed() -> None:
+    """Oversized DATA, unknown types and DATA on stream 0 fail feed_data as they fail feed."""
+    for wire in (header(FrameType.DATA, 1, MAX_DATA_PAYLOAD + 1), header(0x7F, 0, 0),
+                 header(FrameType.DATA, 0, 1) + b"x", header(FrameType.DATA, 1, 0)):
+        decoder = FrameDecoder()
+        with pytest.raises(TunnelProtocolError):
+            decoder.feed_data(wire)
+        with pytest.raises(TunnelProtocolError):
+            decoder.feed_data(encode(Close(1)))  # stays failed
+
+
+def test_feed_after_feed_data_mid_frame_is_misuse() -> None:
+    """The two feeding methods do not mix while a DATA frame is half read."""
+    decoder = FrameDecoder()
+    decoder.feed_data(encode(Data(1, b"xyz"))[:-1])
+    with pytest.raises(RuntimeError):
+        decoder.feed(b"z")
+
+
 # --- garbage --------------------------------------------------------------------------------------
 
 
@@ -184,6 +272,20 @@ def test_garbage_only_raises_protocol_error(garbage: bytes, chunk: int) -> None:
     except TunnelProtocolError as exc:
         assert isinstance(exc.code, ErrorCode)
     assert decoder.buffered <= HEADER_SIZE + MAX_CONTROL_PAYLOAD + MAX_DATA_PAYLOAD
+
+
+@FAST
+@given(st.binary(max_size=400), st.integers(1, 64))
+def test_garbage_feed_data_only_raises_protocol_error(garbage: bytes, chunk: int) -> None:
+    """feed_data on random bytes yields items or raises TunnelProtocolError, nothing else."""
+    decoder = FrameDecoder()
+    try:
+        for i in range(0, len(garbage), chunk):
+            for item in decoder.feed_data(garbage[i:i + chunk]):
+                assert isinstance(item, tuple) or hasattr(item, "frame_type")
+    except TunnelProtocolError as exc:
+        assert isinstance(exc.code, ErrorCode)
+    assert decoder.buffered <= HEADER_SIZE + MAX_CONTROL_PAYLOAD
 
 
 @FAST

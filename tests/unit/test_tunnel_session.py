@@ -28,6 +28,7 @@ from wmproxy_tw.tunnel.frames import (
     encode_all,
 )
 from wmproxy_tw.tunnel.session import (
+    GROW_AFTER,
     AuthRejected,
     ErrorReceived,
     Event,
@@ -408,12 +409,31 @@ def test_stalled_reader_blocks_only_its_own_stream() -> None:
     assert link.server.send_window(stalled) == 0
 
 
+OPS = st.lists(st.tuples(st.sampled_from(["send", "consume"]), st.integers(0, 2),
+                        st.integers(0, 3000)), max_size=60)
+
+
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["send", "consume"]), st.integers(0, 2),
-                          st.integers(0, 3000)), max_size=60))
+@given(OPS)
 def test_random_interleavings_never_exceed_credit(ops: list[tuple[str, int, int]]) -> None:
     """Any mix of sends and consumes on three streams stays within credit and loses no byte."""
+    interleave(ops, None)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_random_interleavings_with_auto_tuning(ops: list[tuple[str, int, int]]) -> None:
+    """With windows growing, credit still bounds what each stream and the link hold."""
+    interleave(ops, 4000)
+
+
+def interleave(ops: list[tuple[str, int, int]], max_window: int | None) -> None:
+    """Apply the operations; check the credit bounds after each and the bytes at the end."""
     link = connected(window=1000, max_data_frame=300)
+    if max_window is not None:  # auto-tuning: each stream may grow to 4000, 5000 in all
+        link.client.max_window = max_window
+        link.client.window_budget = link.client._budget_left = 5000
+        link.client.grow_after = 1
     ids = [link.server.open_stream("web")[0] for _ in range(3)]
     link.to_client([Open(i, "web") for i in ids])
     sent = {i: bytearray() for i in ids}
@@ -441,9 +461,144 @@ def test_random_interleavings_never_exceed_credit(ops: list[tuple[str, int, int]
             consumed[stream_id] += take
             link.to_server(link.client.consume(stream_id, take))
         for i in ids:
-            assert len(got[i]) - consumed[i] <= 1000
+            assert len(got[i]) - consumed[i] <= (max_window or 1000)
+        assert sum(len(got[i]) - consumed[i] for i in ids) <= 3000 + (5000 if max_window else 0)
     assert got == sent
     assert all(bytes(sent[i]) + queued[i] == bytes(fed[i]) for i in ids)
+
+
+# --- the data path: send_data_wire, receive_data -------------------------------------------------
+
+
+def test_send_data_wire_matches_send_data() -> None:
+    """send_data_wire gives the encoded frames of send_data and how much of the data they carry."""
+    link = connected(window=1000, max_data_frame=400)
+    twin = connected(window=1000, max_data_frame=400)
+    a, _ = link.server.open_stream("web")
+    b, _ = twin.server.open_stream("web")
+    blob = bytes(range(250)) * 6
+    wire, taken = link.server.send_data_wire(a, blob)
+    frames, rest = twin.server.send_data(b, blob)
+    assert wire == encode_all(frames) and taken == 1000 and rest == blob[taken:]
+    assert link.server.send_data_wire(a, blob[taken:]) == (b"", 0)
+    assert link.server.send_window(a) == twin.server.send_window(b) == 0
+
+
+def test_send_data_wire_on_gone_or_closed_streams() -> None:
+    """A reset stream swallows the data; one closed by this side is misuse."""
+    link = connected()
+    stream_id, _ = link.server.open_stream("web")
+    link.server.reset_stream(stream_id)
+    assert link.server.send_data_wire(stream_id, b"abc") == (b"", 3)
+    other, _ = link.server.open_stream("web")
+    link.server.close_stream(other)
+    with pytest.raises(TunnelStateError):
+        link.server.send_data_wire(other, b"abc")
+
+
+def test_receive_data_uses_credit_like_data_frames() -> None:
+    """receive_data counts any piece of DATA against the credit, byte for byte."""
+    link = connected(window=1000)
+    stream_id, frames = link.server.open_stream("web")
+    link.to_client(frames)
+    assert link.client.receive_data(stream_id, b"x" * 600)
+    assert link.client.receive_data(stream_id, b"x" * 400)
+    with pytest.raises(TunnelProtocolError) as info:
+        link.client.receive_data(stream_id, b"x")
+    assert info.value.code == ErrorCode.FLOW_CONTROL_ERROR
+    assert link.client.consume(stream_id, 1000) == [WindowUpdate(stream_id, 1000)]
+
+
+def test_receive_data_stream_rules() -> None:
+    """Never-opened streams, DATA after CLOSE and DATA before the handshake are errors."""
+    link = connected()
+    with pytest.raises(TunnelProtocolError) as info:
+        link.client.receive_data(2, b"x")
+    assert info.value.code == ErrorCode.STREAM_ERROR
+    stream_id, frames = link.server.open_stream("web")
+    link.to_client(frames + link.server.close_stream(stream_id))
+    with pytest.raises(TunnelProtocolError):
+        link.client.receive_data(stream_id, b"x")
+    link.client.reset_stream(stream_id)
+    assert link.client.receive_data(stream_id, b"x") is False  # crossed our RESET
+    with pytest.raises(TunnelProtocolError):
+        Multiplexer(False).receive_data(1, b"x")
+
+
+# --- window auto-tuning ---------------------------------------------------------------------------
+
+
+def pump(link: Link, stream_id: int, amount: int, consume: bool = True) -> int:
+    """Send ``amount`` bytes server -> client as credit allows, consuming at once; bytes moved."""
+    moved = 0
+    while moved < amount:
+        wire, taken = link.server.send_data_wire(stream_id, b"d" * (amount - moved))
+        if not taken:
+            break
+        moved += taken
+        updates: list[Frame] = []
+        for frame in FrameDecoder().feed(wire):
+            assert link.client.receive_data(frame.stream_id, frame.data)
+            if consume:
+                updates += link.client.consume(frame.stream_id, len(frame.data))
+        link.to_server(updates)
+    return moved
+
+
+def tuned(window: int = 1000, max_window: int = 8000, budget: int = 10_000) -> Link:
+    """A connected link whose client grows windows (server -> client streams)."""
+    link = connected(window=window)
+    link.client.max_window = max_window
+    link.client.window_budget = link.client._budget_left = budget
+    return link
+
+
+def test_auto_tuning_is_off_by_default() -> None:
+    """Without max_window the window stays the initial one however much flows."""
+    link = connected(window=1000)
+    stream_id, frames = link.server.open_stream("web")
+    link.to_client(frames)
+    assert pump(link, stream_id, 100_000) == 100_000
+    assert link.server.send_window(stream_id) <= 1000
+
+
+def test_window_grows_for_a_busy_stream_up_to_max_window() -> None:
+    """A stream whose reader keeps consuming doubles its window, up to max_window."""
+    link = tuned(window=1000, max_window=8000)
+    stream_id, frames = link.server.open_stream("web")
+    link.to_client(frames)
+    assert pump(link, stream_id, GROW_AFTER * 1000 - 1) == GROW_AFTER * 1000 - 1
+    assert link.client._streams[stream_id].window == 1000  # not before GROW_AFTER windows
+    pump(link, stream_id, 200_000)
+    assert link.client._streams[stream_id].window == 8000
+    assert link.server.send_window(stream_id) <= 8000
+
+
+def test_window_growth_is_bounded_per_connection_and_returned() -> None:
+    """Growth over all streams stays within window_budget; a stream's growth returns at its end."""
+    link = tuned(window=1000, max_window=8000, budget=10_000)
+    ids = []
+    for _ in range(3):
+        stream_id, frames = link.server.open_stream("web")
+        link.to_client(frames)
+        pump(link, stream_id, 200_000)
+        ids.append(stream_id)
+    windows = [link.client._streams[i].window for i in ids]
+    assert sum(w - 1000 for w in windows) <= 10_000 and windows[0] == 8000
+    link.to_server(link.client.reset_stream(ids[0]))
+    fresh, frames = link.server.open_stream("web")
+    link.to_client(frames)
+    pump(link, fresh, 200_000)
+    assert link.client._streams[fresh].window == 8000
+
+
+def test_a_reader_that_stalls_early_keeps_the_initial_window() -> None:
+    """A stream whose reader never consumes never grows: it holds one initial window."""
+    link = tuned(window=1000, max_window=8000)
+    stream_id, frames = link.server.open_stream("web")
+    link.to_client(frames)
+    assert pump(link, stream_id, 50_000, consume=False) == 1000
+    assert link.client._streams[stream_id].window == 1000
 
 
 # --- heartbeats, errors ---------------------------------------------------------------------------

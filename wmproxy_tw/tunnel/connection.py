@@ -57,7 +57,6 @@ from .frames import (
     ResetCode,
     TunnelProtocolError,
     encode_all,
-    encode_parts,
 )
 from .session import (
     AuthRejected,
@@ -85,6 +84,8 @@ from .session import (
 __all__ = [
     "HIGH_WATER",
     "LOW_WATER",
+    "MAX_STREAM_WINDOW",
+    "WINDOW_BUDGET",
     "StreamResetError",
     "StreamSpliceFactory",
     "TunnelConnection",
@@ -104,7 +105,15 @@ HANDSHAKE_TIMEOUT = 10.0
 """The HELLO / HELLO_OK exchange must be over within this (or ``heartbeat_timeout`` if smaller)."""
 
 LINK_BUFFER = 256 * 1024
-"""Read size and write high-water mark of the tunnel's own socket (Twisted's default: 64 KiB)."""
+"""Read size, send size and write high-water mark of the tunnel's own socket (Twisted: 64 KiB
+reads, 128 KiB sends)."""
+MAX_STREAM_WINDOW = 4 * 1024 * 1024
+"""A stream's receive window grows (auto-tuning) from the initial window up to this."""
+WINDOW_BUDGET = 16 * 1024 * 1024
+"""Window growth allowed over all streams of one connection: the receive buffers of a connection
+are bounded by ``max_streams * window + WINDOW_BUDGET``."""
+TURN = 256 * 1024
+"""Most bytes a stream sends in one turn when no other stream is waiting (else one chunk)."""
 
 _EOF = None  # marker in a stream's receive queue
 
@@ -203,13 +212,19 @@ class TunnelStream:
         if type(data) is not bytes:
             data = bytes(data)
         if (not self._send and not conn._ready and not conn._transport_paused
-                and not conn._flushing and conn.connected
-                and len(data) <= conn.chunk and conn.mux.send_window(self.id) >= len(data)):
-            # nothing else waits to be sent: no queue, no copy
-            conn._write_frames(conn.mux.send_data(self.id, data)[0])
-            return
-        self._send.append(data)
-        self._pending += len(data)
+                and not conn._flushing and conn.connected):
+            # nothing else waits to be sent: frame what the credit allows at once
+            wire, taken = conn.mux.send_data_wire(self.id, data)
+            if wire:
+                conn._write(wire)
+            if taken == len(data):
+                return
+            self._send.append(data)
+            self._offset = taken
+            self._pending += len(data) - taken
+        else:
+            self._send.append(data)
+            self._pending += len(data)
         conn._want_send(self)
         if self._pending > HIGH_WATER and self.producer is not None and not self._producer_paused:
             self._producer_paused = True
@@ -357,28 +372,32 @@ class TunnelStream:
             return self.conn.mux.send_window(self.id) > 0
         return self._write_closing and not self._close_sent
 
-    def _take_frames(self, chunk: int) -> list[Frame]:
-        """Frames to send now: one chunk of data (credit allowing), or the CLOSE when drained."""
+    def _take_wire(self, limit: int) -> bytes:
+        """Wire bytes to send now: up to ``limit`` bytes of DATA (credit allowing), then the
+        CLOSE once drained."""
         mux = self.conn.mux
-        frames: list[Frame] = []
+        wire = b""
         if self._send:
-            limit = min(chunk, mux.send_window(self.id))
+            limit = min(limit, mux.send_window(self.id))
             if limit:
-                frames = mux.send_data(self.id, self._take(limit))[0]
+                wire, _taken = mux.send_data_wire(self.id, self._take(limit))
                 if (self._producer_paused and self._pending <= LOW_WATER
                         and self.producer is not None):
                     self._producer_paused = False
                     self.producer.resumeProducing()
         if not self._send and self._write_closing and not self._close_sent and not self._lost:
             self._close_sent = True
-            frames += mux.close_stream(self.id)
-        return frames
+            close = mux.close_stream(self.id)
+            if close:
+                wire += encode_all(close)
+        return wire
 
-    def _take(self, limit: int) -> bytes:
-        """Up to ``limit`` queued bytes: whole chunks without copying when they fit.
+    def _take(self, limit: int) -> bytes | memoryview:
+        """Up to ``limit`` queued bytes: whole chunks or views of them, copying only to join
+        several small ones.
 
         A chunk larger than ``limit`` is consumed through an offset (never re-sliced whole), so a
-        single huge write costs one copy of each byte.
+        single huge write costs one copy of each byte (when it is framed).
         """
         queue = self._send
         first = queue[0]
@@ -386,10 +405,10 @@ class TunnelStream:
         if len(first) - start > limit:
             self._offset = start + limit
             self._pending -= limit
-            return first[start:start + limit]
+            return memoryview(first)[start:start + limit]
         queue.popleft()
         self._offset = 0
-        piece = first[start:] if start else first
+        piece: bytes | memoryview = memoryview(first)[start:] if start else first
         size = len(piece)
         if not queue or size + len(queue[0]) > limit:
             self._pending -= size
@@ -402,7 +421,7 @@ class TunnelStream:
         return b"".join(pieces)
 
     def _after_send(self) -> None:
-        """Called once the frames of :meth:`_take_frames` were written."""
+        """Called once the bytes of :meth:`_take_wire` were written."""
         if self._close_sent and not self._lost and (self.disconnecting or self._eof_delivered):
             self._finish(Failure(error.ConnectionDone()))
 
@@ -446,7 +465,10 @@ class TunnelConnection(Protocol):
     """One tunnel connection at either end; subclasses give it its role.
 
     ``clock`` schedules heartbeats and timeouts.  ``window`` is the credit granted per stream,
-    ``max_streams`` caps open streams, ``chunk`` is the largest ``DATA`` payload sent per turn.
+    ``max_streams`` caps open streams, ``chunk`` is the largest ``DATA`` frame sent (and what a
+    stream sends per turn while others wait).  ``max_window`` and ``window_budget`` bound the
+    window auto-tuning of :class:`~wmproxy_tw.tunnel.session.Multiplexer` (per stream, and in
+    total over the connection's streams).
     """
 
     transport: Any
@@ -454,9 +476,11 @@ class TunnelConnection(Protocol):
     def __init__(self, clock: IReactorTime, is_client: bool, *,
                  heartbeat_interval: float = 10.0, heartbeat_timeout: float = 30.0,
                  window: int = DEFAULT_WINDOW, max_streams: int = 1024,
-                 chunk: int = MAX_DATA_PAYLOAD) -> None:
+                 chunk: int = MAX_DATA_PAYLOAD, max_window: int = MAX_STREAM_WINDOW,
+                 window_budget: int = WINDOW_BUDGET) -> None:
         self.clock = clock
-        self.mux = Multiplexer(is_client, window, max_streams, chunk)
+        self.mux = Multiplexer(is_client, window, max_streams, chunk,
+                               max_window=max(window, max_window), window_budget=window_budget)
         self.decoder = FrameDecoder()
         self.chunk = chunk
         self.heartbeat_interval = heartbeat_interval
@@ -473,6 +497,8 @@ class TunnelConnection(Protocol):
         self._abort_call: IDelayedCall | None = None
         self._draining = False
         self._drain_call: IDelayedCall | None = None
+        self._batch: list[bytes] | None = None  # writes held while a read is processed
+        self._batched = 0
 
     # --- description, for logs ---
 
@@ -493,6 +519,8 @@ class TunnelConnection(Protocol):
         socket_transport = getattr(self.transport, "transport", self.transport)  # below TLS
         if isinstance(getattr(socket_transport, "bufferSize", None), int):
             socket_transport.bufferSize = LINK_BUFFER
+            if getattr(socket_transport, "SEND_LIMIT", LINK_BUFFER) < LINK_BUFFER:
+                socket_transport.SEND_LIMIT = LINK_BUFFER
 
         self._timer = self.clock.callLater(min(HANDSHAKE_TIMEOUT, self.heartbeat_timeout),
                                            self._handshake_timeout)
@@ -503,15 +531,29 @@ class TunnelConnection(Protocol):
             return
         if self.heartbeat is not None:
             self.heartbeat.received(self.clock.seconds())
+        # What this read makes us send (credit, DATA released by it, replies) leaves in one write.
+        self._batch = []
         try:
-            frames = self.decoder.feed(data)
-            for frame in frames:
+            mux = self.mux
+            streams = self.streams
+            for item in self.decoder.feed_data(data):
                 if self._closing:
                     return
-                for event in self.mux.receive_frame(frame):
+                if isinstance(item, tuple):  # DATA bytes of one stream: the fast path
+                    stream_id, payload = item
+                    if mux.receive_data(stream_id, payload):
+                        stream = streams.get(stream_id)
+                        if stream is None:
+                            self._send(mux.consume(stream_id, len(payload)))
+                        else:
+                            stream._data(payload)
+                    continue
+                for event in mux.receive_frame(item):
                     self._event(event)
         except TunnelProtocolError as exc:
             self.protocol_error(exc)
+        finally:
+            self._end_batch()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
@@ -546,14 +588,25 @@ class TunnelConnection(Protocol):
     def _send(self, frames: list[Frame]) -> None:
         """Write control frames now (never held back by flow control)."""
         if frames and self.connected:
-            self.transport.write(encode_all(frames))
+            self._write(encode_all(frames))
 
-    def _write_frames(self, frames: list[Frame]) -> None:
-        """Write frames as header/payload pieces (payloads are not copied into a new buffer)."""
-        parts: list[bytes] = []
-        for frame in frames:
-            parts.extend(encode_parts(frame))
-        self.transport.writeSequence(parts)
+    def _write(self, wire: bytes) -> None:
+        """Write encoded frames, in order: held in the batch while a read is processed."""
+        batch = self._batch
+        if batch is None:
+            self.transport.write(wire)
+            return
+        batch.append(wire)
+        self._batched += len(wire)
+        if self._batched >= LINK_BUFFER:  # let the transport see it (and pause us when full)
+            self._end_batch()
+            self._batch = []
+
+    def _end_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        self._batched = 0
+        if batch and self.connected:
+            self.transport.writeSequence(batch)
 
     def _want_send(self, stream: TunnelStream) -> None:
         if not stream._queued:
@@ -571,9 +624,9 @@ class TunnelConnection(Protocol):
             while ready and not self._transport_paused and self.connected:
                 stream = ready.popleft()
                 stream._queued = False
-                frames = stream._take_frames(self.chunk)
-                if frames:
-                    self._write_frames(frames)
+                wire = stream._take_wire(self.chunk if ready else max(self.chunk, TURN))
+                if wire:
+                    self._write(wire)
                 stream._after_send()
                 if stream._wants_send() and not stream._queued:
                     stream._queued = True
@@ -713,6 +766,7 @@ class TunnelConnection(Protocol):
         if self._closing or not self.connected:
             return
         self._closing = True
+        self._end_batch()
         self.transport.loseConnection()
         self._abort_call = self.clock.callLater(CLOSE_GRACE, self._abort_now)
 

@@ -53,6 +53,7 @@ __all__ = [
     "WindowUpdate",
     "encode",
     "encode_all",
+    "encode_data",
     "encode_parts",
     "error_frame",
 ]
@@ -680,6 +681,30 @@ def encode_all(frames: Iterable[Frame]) -> bytes:
     return b"".join(encode(frame) for frame in frames)
 
 
+_DATA_HEADER = _HEADER.pack
+_DATA = int(FrameType.DATA)
+
+
+def encode_data(stream_id: int, data: bytes | bytearray | memoryview,
+                max_frame: int = MAX_DATA_PAYLOAD) -> bytes:
+    """The wire bytes of ``data`` as consecutive ``DATA`` frames of at most ``max_frame`` bytes.
+
+    The fast path of ``encode_all(Data(...) ...)`` for the data path: no frame objects, one copy
+    of the payload (headers and payload slices are joined once).  The caller guarantees a valid
+    stream id, ``1 <= max_frame <= MAX_DATA_PAYLOAD`` and a non-empty ``data``.
+    """
+    size = len(data)
+    if size <= max_frame:
+        return _DATA_HEADER(_DATA, 0, stream_id, size) + data
+    view = memoryview(data).cast("B")
+    parts: list[bytes | memoryview] = []
+    for start in range(0, size, max_frame):
+        piece = view[start:start + max_frame]
+        parts.append(_DATA_HEADER(_DATA, 0, stream_id, len(piece)))
+        parts.append(piece)
+    return b"".join(parts)
+
+
 def _truncate_utf8(text: str, limit: int) -> str:
     data = text.encode("utf-8", "replace")[:limit]
     return data.decode("utf-8", "ignore")
@@ -707,6 +732,8 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._header: tuple[int, int, int] | None = None  # type, stream id, length
         self._failure: TunnelProtocolError | None = None
+        self._data_left = 0  # feed_data: payload bytes of the current DATA frame still to come
+        self._data_stream = 0
 
     @property
     def buffered(self) -> int:
@@ -717,6 +744,8 @@ class FrameDecoder:
         """Add received bytes; return every frame they complete, in order."""
         if self._failure is not None:
             raise self._failure
+        if self._data_left:
+            raise RuntimeError("feed() after feed_data() left a DATA frame open")
         frames: list[Frame] = []
         try:
             offset = self._complete_pending(data, frames)
@@ -743,30 +772,116 @@ class FrameDecoder:
             raise
         return frames
 
-    def _complete_pending(self, data: bytes, frames: list[Frame]) -> int | None:
-        """Finish the frame begun by earlier calls; bytes of ``data`` used, None if all of them."""
+    def feed_data(self, data: bytes) -> list[Frame | tuple[int, bytes]]:
+        """Like :meth:`feed`, but ``DATA`` payloads come out as ``(stream_id, bytes)`` pieces.
+
+        The fast path of the data path: a ``DATA`` frame's bytes are handed out as they arrive
+        (a frame split across reads comes out in pieces, a read that is all payload comes out
+        as itself, uncopied), and the payloads of consecutive ``DATA`` frames of one stream within
+        a read are joined into one piece.  Pieces of a stream concatenate to exactly its DATA
+        payloads; order with respect to the other frames is kept; nothing but the partial header
+        or partial control frame is buffered.  Checks and failure are those of :meth:`feed`
+        (use one of the two methods per decoder).
+        """
+        if self._failure is not None:
+            raise self._failure
+        out: list[Frame | tuple[int, bytes]] = []
+        try:
+            self._feed_data(data, out)
+        except TunnelProtocolError as exc:
+            self._failure = exc
+            self._buffer.clear()
+            self._data_left = 0
+            raise
+        return out
+
+    def _feed_data(self, data: bytes, out: list[Frame | tuple[int, bytes]]) -> None:
+        end = len(data)
+        if not end:
+            return
+        offset = self._complete_pending(data, out, open_data=True)
+        if offset is None:
+            return
+        view = memoryview(data)
+        run_stream = 0  # the stream whose consecutive DATA pieces are being collected
+        run: list[memoryview] = []
+        left = self._data_left
+        if left:  # the payload of a DATA frame begun earlier
+            take = min(left, end - offset)
+            self._data_left = left - take
+            if take == end:
+                out.append((self._data_stream, data))
+                return
+            if take:
+                run_stream = self._data_stream
+                run.append(view[offset:offset + take])
+                offset += take
+        parse = self._parse_header
+        while end - offset >= HEADER_SIZE:
+            frame_type, stream_id, length = parse(view, offset)
+            offset += HEADER_SIZE
+            if frame_type == _DATA:
+                avail = end - offset
+                if avail < length:  # the rest comes with later reads
+                    self._data_left = length - avail
+                    self._data_stream = stream_id
+                    length = avail
+                    if not length:
+                        break
+                if stream_id != run_stream:
+                    if run:
+                        out.append((run_stream, b"".join(run)))
+                    run = []
+                    run_stream = stream_id
+                run.append(view[offset:offset + length])
+                offset += length
+                continue
+            if end - offset < length:
+                self._header = (frame_type, stream_id, length)
+                break
+            if run:
+                out.append((run_stream, b"".join(run)))
+                run = []
+                run_stream = 0
+            out.append(self._build(frame_type, stream_id, bytes(view[offset:offset + length])))
+            offset += length
+        if run:
+            out.append((run_stream, b"".join(run)))
+        if offset < end:
+            self._buffer += view[offset:]
+
+    def _complete_pending(self, data: bytes, out: list[Any], open_data: bool = False) -> int | None:
+        """Finish the frame begun by earlier calls; bytes of ``data`` used, None if all of them.
+
+        With ``open_data`` (:meth:`feed_data`), a completed DATA header opens the payload, whose
+        bytes are then handed out as they come, instead of buffering it.
+        """
         buffer = self._buffer
         if not buffer and self._header is None:
             return 0
         used = 0
-        with memoryview(data) as view:
-            if self._header is None:
-                used = min(HEADER_SIZE - len(buffer), len(view))
-                buffer += view[:used]
-                if len(buffer) < HEADER_SIZE:
-                    return None
-                self._header = self._parse_header(buffer, 0)
-                buffer.clear()
-            frame_type, stream_id, length = self._header
-            take = min(length - len(buffer), len(view) - used)
-            buffer += view[used:used + take]
-            used += take
+        view = memoryview(data)
+        if self._header is None:
+            used = min(HEADER_SIZE - len(buffer), len(view))
+            buffer += view[:used]
+            if len(buffer) < HEADER_SIZE:
+                return None
+            self._header = self._parse_header(buffer, 0)
+            buffer.clear()
+            if open_data and self._header[0] == _DATA:
+                _type, self._data_stream, self._data_left = self._header
+                self._header = None
+                return used
+        frame_type, stream_id, length = self._header
+        take = min(length - len(buffer), len(view) - used)
+        buffer += view[used:used + take]
+        used += take
         if len(buffer) < length:
             return None
         payload = bytes(buffer)
         buffer.clear()
         self._header = None
-        frames.append(self._build(frame_type, stream_id, payload))
+        out.append(self._build(frame_type, stream_id, payload))
         return used
 
     def _parse_header(self, buffer: bytearray | memoryview, offset: int) -> tuple[int, int, int]:

@@ -43,12 +43,14 @@ from wmproxy_tw.tunnel.frames import (
     ResetCode,
     TunnelProtocolError,
     WindowUpdate,
+    encode_data,
     error_frame,
 )
 
 __all__ = [
     "AuthRejected",
     "ErrorReceived",
+    "GROW_AFTER",
     "Event",
     "GoAwayReceived",
     "Heartbeat",
@@ -68,6 +70,10 @@ __all__ = [
     "TunnelStateError",
     "WindowOpened",
 ]
+
+
+GROW_AFTER = 8
+"""A stream's window may double once this many windows' worth was consumed since it last grew."""
 
 
 class TunnelStateError(Exception):
@@ -222,8 +228,10 @@ class _Stream:
 
     send_window: int  # credit the peer granted us
     recv_window: int  # credit we granted the peer and it has not used yet
+    window: int  # the receive window this stream has now (the initial one, or grown)
     unconsumed: int = 0  # delivered to the application, not yet consumed
     to_return: int = 0  # consumed, not yet returned by WINDOW_UPDATE
+    consumed: int = 0  # consumed since the window last grew
     local_closed: bool = False
     remote_closed: bool = False
 
@@ -241,8 +249,16 @@ class Multiplexer:
 
     ``initial_window`` is the credit this side grants the peer on every stream (announced in
     ``HELLO``/``HELLO_OK``); ``max_streams`` caps concurrently open streams, both directions
-    together, so buffered data is bounded by ``max_streams * initial_window``.
-    ``max_data_frame`` is the largest ``DATA`` payload this side sends.
+    together.  ``max_data_frame`` is the largest ``DATA`` payload this side sends.
+
+    Window auto-tuning (off by default): with ``max_window`` above ``initial_window``, a stream
+    whose reader consumed ``grow_after`` (:data:`GROW_AFTER`) windows' worth since its window
+    last grew gets the window doubled (the extra credit rides on the next ``WINDOW_UPDATE``), up
+    to ``max_window`` per stream and ``window_budget`` bytes of growth over all streams of the
+    connection (given back when a stream ends).  Bulk streams thus reach large windows after a few MiB, short
+    exchanges keep the initial one, and buffered data stays bounded by
+    ``max_streams * initial_window + window_budget``: a reader that stalls early never grows its
+    window, one that stalls later stops its stream at the window it has then.
 
     Stream operations (:meth:`send_data`, :meth:`close_stream`, :meth:`reset_stream`,
     :meth:`consume`) on a stream that is gone (reset, fully closed, or the whole session closed)
@@ -251,17 +267,27 @@ class Multiplexer:
     """
 
     def __init__(self, is_client: bool, initial_window: int = DEFAULT_WINDOW,
-                 max_streams: int = 1024, max_data_frame: int = MAX_DATA_PAYLOAD) -> None:
+                 max_streams: int = 1024, max_data_frame: int = MAX_DATA_PAYLOAD, *,
+                 max_window: int | None = None, window_budget: int = 0) -> None:
         if not 1 <= initial_window <= MAX_WINDOW:
             raise ValueError(f"initial_window must be in 1..{MAX_WINDOW}")
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
         if not 1 <= max_data_frame <= MAX_DATA_PAYLOAD:
             raise ValueError(f"max_data_frame must be in 1..{MAX_DATA_PAYLOAD}")
+        max_window = initial_window if max_window is None else max_window
+        if not initial_window <= max_window <= MAX_WINDOW:
+            raise ValueError(f"max_window must be in initial_window..{MAX_WINDOW}")
+        if window_budget < 0:
+            raise ValueError("window_budget must not be negative")
         self.is_client = is_client
         self.initial_window = initial_window
         self.max_streams = max_streams
         self.max_data_frame = max_data_frame
+        self.max_window = max_window
+        self.window_budget = window_budget if max_window > initial_window else 0
+        self._budget_left = self.window_budget
+        self.grow_after = GROW_AFTER
         self.peer_window: int | None = None
         self._phase = _Phase.HANDSHAKE
         self._hello_done = False  # client: HELLO sent; server: HELLO received
@@ -385,8 +411,8 @@ class Multiplexer:
         frame = Open(stream_id, mapping, peer)
         self._next_local_id += 2
         assert self.peer_window is not None  # set by the handshake
-        self._streams[stream_id] = _Stream(send_window=self.peer_window,
-                                           recv_window=self.initial_window)
+        self._streams[stream_id] = _Stream(self.peer_window, self.initial_window,
+                                           self.initial_window)
         return stream_id, [frame]
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview,
@@ -414,6 +440,28 @@ class Multiplexer:
         stream.send_window -= count
         return frames, bytes(view[count:])
 
+    def send_data_wire(self, stream_id: int, data: bytes | bytearray | memoryview,
+                       ) -> tuple[bytes, int]:
+        """:meth:`send_data` for the data path: ``(wire bytes, count taken from data)``.
+
+        Frames as much of ``data`` as the credit allows, like :meth:`send_data`, but returns the
+        encoded ``DATA`` frames as one buffer and how many bytes of ``data`` they carry (the
+        caller keeps the rest); no frame objects, one copy.  A stream that is gone takes
+        everything and sends nothing (``(b"", len(data))``).
+        """
+        stream = self._stream_for_local_op(stream_id)
+        if stream is None:
+            return b"", len(data)
+        if stream.local_closed:
+            raise TunnelStateError(f"stream {stream_id} was closed by this side")
+        count = min(len(data), stream.send_window)
+        if count <= 0:
+            return b"", 0
+        stream.send_window -= count
+        if count < len(data):
+            data = memoryview(data).cast("B")[:count]
+        return encode_data(stream_id, data, self.max_data_frame), count
+
     def close_stream(self, stream_id: int) -> list[Frame]:
         """Half-close: this side sends no more data on the stream (idempotent)."""
         stream = self._stream_for_local_op(stream_id)
@@ -421,7 +469,7 @@ class Multiplexer:
             return []
         stream.local_closed = True
         if stream.remote_closed:
-            del self._streams[stream_id]
+            self._drop(stream_id)
         return [Close(stream_id)]
 
     def reset_stream(self, stream_id: int, code: int = ResetCode.CANCEL) -> list[Frame]:
@@ -429,14 +477,20 @@ class Multiplexer:
         if self._stream_for_local_op(stream_id) is None:
             return []
         frame = Reset(stream_id, code)
-        del self._streams[stream_id]
+        self._drop(stream_id)
         return [frame]
+
+    def _drop(self, stream_id: int) -> None:
+        """Forget a stream; the window it grew goes back to the connection's budget."""
+        stream = self._streams.pop(stream_id)
+        self._budget_left += stream.window - self.initial_window
 
     def consume(self, stream_id: int, count: int) -> list[Frame]:
         """Report ``count`` received bytes as delivered downstream; may return a WINDOW_UPDATE.
 
-        Credit is returned once at least half the initial window has been consumed, so a reader
-        that stops consuming stops the peer's sender on this stream only.
+        Credit is returned once at least half the stream's window has been consumed, so a reader
+        that stops consuming stops the peer's sender on this stream only.  With auto-tuning (see
+        the class), the update may also grow the window.
         """
         stream = self._stream_for_local_op(stream_id)
         if stream is None:
@@ -446,9 +500,17 @@ class Multiplexer:
                                    f"{stream.unconsumed} are unconsumed")
         stream.unconsumed -= count
         stream.to_return += count
-        if stream.remote_closed or stream.to_return < max(1, self.initial_window // 2):
+        stream.consumed += count
+        if stream.remote_closed or stream.to_return < max(1, stream.window >> 1):
             return []
         increment, stream.to_return = stream.to_return, 0
+        if stream.consumed >= self.grow_after * stream.window:
+            grow = min(stream.window, self.max_window - stream.window, self._budget_left)
+            if grow > 0:
+                stream.window += grow
+                stream.consumed = 0
+                self._budget_left -= grow
+                increment += grow
         stream.recv_window += increment
         return [WindowUpdate(stream_id, increment)]
 
@@ -470,6 +532,7 @@ class Multiplexer:
         """Close the session because of a protocol error; returns the ``ERROR`` to send."""
         self._phase = _Phase.CLOSED
         self._streams.clear()
+        self._budget_left = self.window_budget
         return [error_frame(exc)]
 
     def _require_open(self) -> None:
@@ -509,6 +572,7 @@ class Multiplexer:
         if isinstance(frame, Error):
             self._phase = _Phase.CLOSED
             self._streams.clear()
+            self._budget_left = self.window_budget
             return [ErrorReceived(frame.code, frame.message)]
         if self._phase is _Phase.HANDSHAKE:
             return self._receive_handshake(frame)
@@ -523,7 +587,7 @@ class Multiplexer:
         if isinstance(frame, Reset):
             if self._stream_for_remote_frame(frame) is None:
                 return []
-            del self._streams[frame.stream_id]
+            self._drop(frame.stream_id)
             return [StreamReset(frame.stream_id, frame.code)]
         if isinstance(frame, Ping):
             return [PingReceived(frame.payload), Reply(Pong(frame.payload))]
@@ -584,8 +648,8 @@ class Multiplexer:
         if self.local_going_away or len(self._streams) >= self.max_streams:
             return [Reply(Reset(stream_id, ResetCode.REFUSED))]
         assert self.peer_window is not None  # set by the handshake
-        self._streams[stream_id] = _Stream(send_window=self.peer_window,
-                                           recv_window=self.initial_window)
+        self._streams[stream_id] = _Stream(self.peer_window, self.initial_window,
+                                           self.initial_window)
         return [StreamOpened(stream_id, frame.mapping, frame.peer)]
 
     def _stream_for_remote_frame(self, frame: Data | WindowUpdate | Close | Reset,
@@ -597,20 +661,39 @@ class Multiplexer:
         return stream
 
     def _receive_data(self, frame: Data) -> list[Event]:
-        stream = self._stream_for_remote_frame(frame)
-        if stream is None:
+        if not self.receive_data(frame.stream_id, frame.data):
             return []  # crossed our RESET on the wire
+        return [StreamData(frame.stream_id, frame.data)]
+
+    def receive_data(self, stream_id: int, data: bytes) -> bool:
+        """The fast path of :meth:`receive_frame` for DATA bytes (:meth:`FrameDecoder.feed_data`).
+
+        ``data`` is any part of the stream's DATA payloads: one frame's, several consecutive
+        frames' joined, or a piece of one; credit is checked and used byte for byte, as for
+        whole frames.  Returns True when the stream takes the bytes (deliver them, then
+        :meth:`consume`), False when it is gone (a RESET crossed on the wire, or the session is
+        closed).  Raises :class:`TunnelProtocolError` as :meth:`receive_frame` would.
+        """
+        if self._phase is not _Phase.OPEN:
+            if self._phase is _Phase.CLOSED:
+                return False
+            raise _protocol_error("Data is not allowed before the handshake is done")
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if not self._was_opened(stream_id):
+                raise _stream_error(f"Data for stream {stream_id}, which was never opened")
+            return False
         if stream.remote_closed:
-            raise _stream_error(f"DATA on stream {frame.stream_id} after its CLOSE")
-        size = len(frame.data)
+            raise _stream_error(f"DATA on stream {stream_id} after its CLOSE")
+        size = len(data)
         if size > stream.recv_window:
             raise TunnelProtocolError(
                 ErrorCode.FLOW_CONTROL_ERROR,
-                f"DATA of {size} bytes on stream {frame.stream_id} exceeds the "
+                f"DATA of {size} bytes on stream {stream_id} exceeds the "
                 f"{stream.recv_window} bytes of credit granted")
         stream.recv_window -= size
         stream.unconsumed += size
-        return [StreamData(frame.stream_id, frame.data)]
+        return True
 
     def _receive_window_update(self, frame: WindowUpdate) -> list[Event]:
         stream = self._stream_for_remote_frame(frame)
@@ -633,7 +716,7 @@ class Multiplexer:
             raise _stream_error(f"CLOSE on stream {frame.stream_id} twice")
         stream.remote_closed = True
         if stream.local_closed:
-            del self._streams[frame.stream_id]
+            self._drop(frame.stream_id)
         return [StreamClosed(frame.stream_id)]
 
 
