@@ -62,3 +62,16 @@ def test_flag_restricts_protocols() -> None:
     p, t, reactor = _proto('flag = "http"')
     p.dataReceived(b"\x05\x01\x00")
     assert t.value() == b"" and reactor.tcpClients == []
+
+
+def test_ambiguous_body_framing_is_refused_before_connecting() -> None:
+    """CL+TE, differing Content-Lengths and an obfuscated TE get 400 and no upstream connection
+    (h11 took CL+TE as chunked and forwarded both fields: a desync for an upstream trusting CL);
+    h11 itself answers 501 to a coding other than chunked."""
+    for framing in (b"Content-Length: 40\r\nTransfer-Encoding: chunked\r\n",
+                    b"Content-Length: 4\r\nContent-Length: 45\r\n",
+                    b"Transfer-Encoding: chunked, identity\r\n"):
+        p, t, reactor = _proto()
+        p.dataReceived(b"POST http://127.0.0.1:8080/ HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n" + framing + b"\r\n")
+        assert t.value()[:13] in (b"HTTP/1.1 400 ", b"HTTP/1.1 501 "), (framing, t.value())
+        assert reactor.tcpClients == [] and t.disconnecting
