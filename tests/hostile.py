@@ -56,7 +56,8 @@ class Seen:
 
 class OriginResource(resource.Resource):
     """``origin METHOD URI`` for everything; GET /big?n=N streams N bytes with a push producer
-    (``produced`` counts what was written, so a paused origin shows); POST answers the body length.
+    (``produced[tag]`` counts what was written for ``&tag=``, so a paused origin shows); POST answers
+    the body length.
     Every request it sees is recorded in ``seen``."""
 
     isLeaf = True
@@ -64,7 +65,7 @@ class OriginResource(resource.Resource):
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[Seen] = []
-        self.produced = 0
+        self.produced: dict[bytes, int] = {}
 
     def render(self, request: server.Request) -> Any:
         headers = [(k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
@@ -73,7 +74,7 @@ class OriginResource(resource.Resource):
         if request.path == b"/big":
             n = int(request.args.get(b"n", [b"0"])[0])
             request.setHeader(b"content-length", str(n).encode())
-            _Pump(self, request, n)
+            _Pump(self, request, n, request.args.get(b"tag", [b""])[0])
             return server.NOT_DONE_YET
         if request.method == b"POST":
             return b"origin got %d bytes\n" % len(request.content.read())
@@ -111,8 +112,8 @@ class _Pump(_Producer):
 
     CHUNK = b"x" * 65536
 
-    def __init__(self, res: OriginResource, request: server.Request, n: int) -> None:
-        self.res, self.request, self.left = res, request, n
+    def __init__(self, res: OriginResource, request: server.Request, n: int, tag: bytes) -> None:
+        self.res, self.request, self.left, self.tag = res, request, n, tag
         self.gone = False
         request.notifyFinish().addBoth(self._gone)
         request.registerProducer(self, True)
@@ -125,7 +126,7 @@ class _Pump(_Producer):
         while not (self.paused or self.gone) and self.left > 0:
             piece = self.CHUNK[: min(self.left, len(self.CHUNK))]
             self.left -= len(piece)
-            self.res.produced += len(piece)
+            self.res.produced[self.tag] = self.res.produced.get(self.tag, 0) + len(piece)
             self.request.write(piece)
         if self.left == 0 and not self.gone:
             self.gone = True
@@ -163,7 +164,7 @@ class Origin:
 
     def reset(self) -> None:
         self.res.seen.clear()
-        self.res.produced = 0
+        self.res.produced.clear()
 
 
 # ------------------------------------------------------------------ the servers
@@ -459,40 +460,55 @@ class _Flood(_Client, _Producer):
 
 
 async def flood(port: int, prefix: bytes, chunk: bytes, pid: int) -> Outcome:
-    """Send without end and never read what comes back (an echo or a relay to one): how much
-    the server took after 1 s and 2 s (a paused sender stops), and our RSS growth."""
+    """Send without end and never read what comes back (an echo or a relay to one): where the
+    sender is stopped (see :func:`settled`), and our RSS growth."""
     start = reactor.seconds()
     c = _Flood(prefix, chunk, wait_head=prefix.startswith(b"GET "))
     rss0 = rss_kb(pid)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), c)
-    await deferLater(1.0)
-    first = c.sent
-    await deferLater(1.0)
+    total, stopped = await settled(lambda: c.sent)
     out = Outcome(b"", c.end, reactor.seconds() - start,
-                  {"first": first, "second": c.sent, "rss_growth_kb": rss_kb(pid) - rss0, "flood": True})
+                  {"total": total, "stopped": stopped, "rss_growth_kb": rss_kb(pid) - rss0, "flood": True})
     if c.end == "open":
         _reset(c)
         await c.lost
     return out
 
 
+async def settled(count: Callable[[], int], quiet: float = 0.5, limit: float = 4.0) -> tuple[int, bool]:
+    """Wait until ``count()`` stops growing for ``quiet`` seconds (True), or ``limit`` passes
+    (False: still growing): the value then.  Buffers fill at the machine's pace, so a stop is
+    judged by a quiet spell, not at a fixed time."""
+    start = reactor.seconds()
+    value, since = count(), start
+    while reactor.seconds() - start < limit:
+        await deferLater(0.1)
+        now = count()
+        if now != value:
+            value, since = now, reactor.seconds()
+        elif value and reactor.seconds() - since >= quiet:
+            return value, True
+    return value, False
+
+
 async def slow_read(port: int, request: bytes, origin: Optional[OriginResource], pid: Optional[int],
-                    settle: float = 1.0) -> Outcome:
-    """Ask for a big response and never read it: what the origin produced (and our RSS) after
-    ``settle`` seconds, and again one second later (a paused origin stops producing)."""
+                    tag: bytes = b"") -> Outcome:
+    """Ask for a big response (``&tag=tag``) and never read it: where the origin is stopped (see
+    :func:`settled`), and our RSS growth."""
     start = reactor.seconds()
     c = await _connect(port)
     c.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     c.transport.pauseProducing()
     rss0 = rss_kb(pid) if pid else 0
     c.transport.write(request)
-    await deferLater(settle)
-    first = origin.produced if origin else 0
-    await deferLater(1.0)
-    second = origin.produced if origin else 0
+    if origin is not None:
+        total, stopped = await settled(lambda: origin.produced.get(tag, 0))
+    else:
+        await deferLater(1.0)
+        total, stopped = 0, True
     rss1 = rss_kb(pid) if pid else 0
     out = Outcome(b"", c.end, reactor.seconds() - start,
-                  {"first": first, "second": second, "rss_growth_kb": rss1 - rss0})
+                  {"total": total, "stopped": stopped, "rss_growth_kb": rss1 - rss0})
     _reset(c)
     await c.lost
     return out
@@ -558,13 +574,11 @@ def answer(kind: str, out: Outcome) -> str:
             return "file not read ahead" + rss
         if x.get("flood"):
             if out.end != "open":
-                return f"{_ending(out)} after {x['second'] >> 10} KiB"
-            paused = x["second"] - x["first"] <= 1 << 20
-            return f"sender {'paused' if paused else 'NOT paused'} at {x['second'] >> 20} MiB" + rss
-        if x["second"] >= BIG_RESPONSE:
+                return f"{_ending(out)} after {x['total'] >> 10} KiB"
+            return f"sender {'paused' if x['stopped'] else 'NOT paused'} at {x['total'] >> 20} MiB" + rss
+        if x["total"] >= BIG_RESPONSE:
             return f"origin not paused: all {BIG_RESPONSE >> 20} MiB taken" + rss
-        paused = x["second"] - x["first"] <= 1 << 20
-        return f"origin {'paused' if paused else 'NOT paused'} at {x['second'] >> 20} MiB" + rss
+        return f"origin {'paused' if x['stopped'] else 'NOT paused'} at {x['total'] >> 20} MiB" + rss
     if kind == "tunnel":
         from wmproxy_tw.tunnel.frames import FrameDecoder
 
@@ -698,6 +712,18 @@ class Case:
     rss: bool = False
 
     @property
+    def family(self) -> str:
+        """The test that plays this case (cases of a family share one pytest item)."""
+        if self.slow:
+            return "slow"
+        for prefix, fam in (("ws:", "websocket frames"), ("socks:", "socks5 fields"), ("random", "random bytes")):
+            if self.name.startswith(prefix):
+                return fam
+        if " via " in self.name:
+            return "smuggling on the other HTTP listeners"
+        return "reverse proxy vs nginx and HAProxy" if self.peers else "half-close and resets"
+
+    @property
     def expected(self) -> tuple[str, ...]:
         return self.expect if isinstance(self.expect, tuple) else (self.expect,)
 
@@ -729,8 +755,8 @@ def _socks(data: bytes) -> Callable[[int, Stack, str], Awaitable[Outcome]]:
 
 
 async def _slow_read_reverse(port: int, stack: Stack, server: str) -> Outcome:
-    return await slow_read(port, f"GET /big?n={BIG_RESPONSE} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
-                           stack.origins[server].res, stack.pid if server == "ours" else None)
+    return await slow_read(port, f"GET /big?n={BIG_RESPONSE}&tag=rev HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+                           stack.origins[server].res, stack.pid if server == "ours" else None, b"rev")
 
 
 async def _slow_read_files(port: int, stack: Stack, server: str) -> Outcome:
@@ -741,13 +767,14 @@ async def _slow_read_files(port: int, stack: Stack, server: str) -> Outcome:
 
 async def _slow_read_forward(port: int, stack: Stack, server: str) -> Outcome:
     o = stack.origins["ours"]
-    return await slow_read(port, f"GET http://127.0.0.1:{o.number}/big?n={BIG_RESPONSE} HTTP/1.1\r\n"
-                                 f"Host: 127.0.0.1:{o.number}\r\n\r\n".encode(), o.res, stack.pid)
+    return await slow_read(port, f"GET http://127.0.0.1:{o.number}/big?n={BIG_RESPONSE}&tag=fwd HTTP/1.1\r\n"
+                                 f"Host: 127.0.0.1:{o.number}\r\n\r\n".encode(), o.res, stack.pid, b"fwd")
 
 
 async def _slow_read_tunnel(port: int, stack: Stack, server: str) -> Outcome:
     o = stack.origins["ours"]
-    return await slow_read(port, f"GET /big?n={BIG_RESPONSE} HTTP/1.1\r\nHost: t.test\r\n\r\n".encode(), o.res, stack.pid)
+    return await slow_read(port, f"GET /big?n={BIG_RESPONSE}&tag=tun HTTP/1.1\r\nHost: t.test\r\n\r\n".encode(),
+                           o.res, stack.pid, b"tun")
 
 
 def _flood_on(kind: bytes) -> Callable[[int, Stack, str], Awaitable[Outcome]]:
