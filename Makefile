@@ -8,7 +8,7 @@ SRC := $(shell find wmproxy_tw twisted -name '*.py' 2>/dev/null) setup.cfg pypro
 ARGS ?=
 TEST_DEBS := curl nginx-light websockify haproxy
 
-.PHONY: install run test test-deps lint fuzz bench profile clean dashboard-shot
+.PHONY: install run test test-deps lint fuzz bench profile clean dashboard-shot hostile-table
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ test: test-deps
 # Every hypothesis property/fuzz test with many more examples (FUZZ_EXAMPLES, default 20000).
 fuzz: test-deps
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PY) -m pytest tests/unit -q -p no:randomly --timeout=3600
+
+# The hostile-client cases against ours, nginx and HAProxy, as a Markdown table (tests/hostile.py).
+hostile-table: test-deps
+	$(PY) -m tests.hostile_table
 
 # The dashboard in headless Chromium, as build/dashboard.png (installs Debian's chromium: large, so not in `test`).
 dashboard-shot: test-deps

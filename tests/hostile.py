@@ -506,9 +506,10 @@ async def slow_read(port: int, request: bytes, origin: Optional[OriginResource],
     else:
         await deferLater(1.0)
         total, stopped = 0, True
-    rss1 = rss_kb(pid) if pid else 0
-    out = Outcome(b"", c.end, reactor.seconds() - start,
-                  {"total": total, "stopped": stopped, "rss_growth_kb": rss1 - rss0})
+    extra: dict[str, Any] = {"total": total, "stopped": stopped}
+    if pid:
+        extra["rss_growth_kb"] = rss_kb(pid) - rss0
+    out = Outcome(b"", c.end, reactor.seconds() - start, extra)
     _reset(c)
     await c.lost
     return out

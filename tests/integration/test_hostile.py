@@ -7,8 +7,10 @@ the origin; the instance never logs a traceback; and a well-behaved client of th
 (and of the reverse proxy) is served right after.  The slow cases run all at once while
 well-behaved clients of every listener keep being served.
 
-What the per-feature suites already pin is not repeated here: the reverse proxy's smuggling
-battery never reaching the upstream (test_reverse.py), a 100 MB WebSocket frame closed 1009 and
+What the per-feature suites already pin is not repeated here (the reverse proxy's smuggling
+inputs are replayed only to compare with nginx and HAProxy on the same origin, and on the other
+HTTP listeners): the in-process smuggling battery never reaching the upstream (test_reverse.py),
+a 100 MB WebSocket frame closed 1009 and
 stalled WebSocket peers pausing TCP (test_websocket.py), the forward proxy's CONNECT reader that
 never reads (test_forward.py), garbage on center_addr (test_tunnel.py), file-server traversal
 (test_files.py), and the sans-IO fuzzing (tests/unit/test_fuzz_forward.py and friends).
