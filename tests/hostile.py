@@ -972,6 +972,13 @@ CASES: list[Case] = [
          raw(b"GET /half HTTP/1.1\r\nHost:", shut=True), "close", peers=True, match=("nginx",),
          note="nothing to answer; HAProxy says 400"),
     Case("half-close on the stream relay", "stream", "echo", raw(b"half-closed", shut=True), "echoed 11 B, close"),
+    Case("half-close on tcp2ws", "tcp2ws", "echo", raw(b"half-closed", shut=True),
+         ("echoed 0 B, close", "echoed 11 B, close"),
+         note="a WebSocket has no half-close: the client's FIN closes the bridge (SPEC §7); the echo in flight "
+              "may be lost"),
+    Case("ws2tcp: a frame, then FIN without a close frame", "ws2tcp", "ws",
+         raw([ws_handshake(), ws_frame(2, b"abc")], interval=0.3, shut=True, bound=3), "101 then close",
+         note="an abnormal closure (1006): the bridge closes the upstream at once"),
     Case("half-close on the forward proxy", "forward", "http",
          raw(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost:", shut=True), ("400", "close")),
     Case("reset mid-upload (1 of 10 MB sent)", "reverse", "http", _reset_upload, "no answer (we reset)", peers=True,
