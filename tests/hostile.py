@@ -298,10 +298,10 @@ class Stack:
         from .integration.revutil import Nginx
 
         if os.path.exists("/usr/sbin/nginx"):
-            ngx = Nginx(self.tmp, [NGINX_SERVER.format(deadline=int(HEAD_DEADLINE),
-                                                       origin=self.origins["nginx"].number)])
-            self.procs["nginx"] = ngx.proc = spawn(["/usr/sbin/nginx", "-c", str(ngx.dir / "nginx.conf"),
-                                                    "-p", str(ngx.dir), "-g", "daemon off;"])
+            ngx = await Nginx(self.tmp, [NGINX_SERVER.format(deadline=int(HEAD_DEADLINE),
+                                                             origin=self.origins["nginx"].number)]).start()
+            assert ngx.proc is not None
+            self.procs["nginx"] = ngx.proc
             self.ports["nginx"] = ngx.ports[0]
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
         if os.path.exists(haproxy):

@@ -10,10 +10,10 @@ well-behaved clients of every listener keep being served.
 What the per-feature suites already pin is not repeated here (the reverse proxy's smuggling
 inputs are replayed only to compare with nginx and HAProxy on the same origin, and on the other
 HTTP listeners): the in-process smuggling battery never reaching the upstream (test_reverse.py),
-a 100 MB WebSocket frame closed 1009 and
-stalled WebSocket peers pausing TCP (test_websocket.py), the forward proxy's CONNECT reader that
-never reads (test_forward.py), garbage on center_addr (test_tunnel.py), file-server traversal
-(test_files.py), and the sans-IO fuzzing (tests/unit/test_fuzz_forward.py and friends).
+a 100 MB WebSocket frame closed 1009 and stalled WebSocket peers pausing TCP (test_websocket.py),
+the forward proxy's CONNECT reader that never reads (test_forward.py), garbage on center_addr
+(test_tunnel.py), file-server traversal (test_files.py), and the sans-IO fuzzing
+(tests/unit/test_fuzz_forward.py and friends).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ RSS_SLACK_KB = 24 * 1024
 
 @pytest_twisted.async_yield_fixture(scope="module")
 async def stack(tmp_path_factory: Any) -> AsyncIterator[Stack]:
+    """The instance under abuse, nginx and HAProxy: started once for the module."""
     s = await Stack(tmp_path_factory.mktemp("hostile")).start()
     try:
         yield s
