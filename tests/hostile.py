@@ -792,13 +792,23 @@ def _flood_on(kind: bytes) -> Callable[[int, Stack, str], Awaitable[Outcome]]:
     return play
 
 
+def _target(stack: Stack, port: int) -> tuple[str, str]:
+    """Request target and Host for an HTTP listener of ours (absolute-form on the forward proxy)."""
+    o = stack.origins["ours"].number
+    if port == stack.ports["forward"]:
+        return f"http://127.0.0.1:{o}", f"127.0.0.1:{o}"
+    return "", "t.test" if port == stack.ports["tunnel_http"] else "x"
+
+
 async def _reset_upload(port: int, stack: Stack, server: str) -> Outcome:
-    return await reset_after(port, b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n"
-                             + b"u" * 1_000_000)
+    t, h = _target(stack, port)
+    return await reset_after(port, f"POST {t}/upload HTTP/1.1\r\nHost: {h}\r\nContent-Length: 10000000\r\n\r\n"
+                             .encode() + b"u" * 1_000_000)
 
 
 async def _reset_download(port: int, stack: Stack, server: str) -> Outcome:
-    return await reset_after(port, f"GET /big?n={BIG_RESPONSE} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    t, h = _target(stack, port)
+    return await reset_after(port, f"GET {t}/big?n={BIG_RESPONSE} HTTP/1.1\r\nHost: {h}\r\n\r\n".encode(),
                              read_bytes=200_000)
 
 
@@ -985,6 +995,9 @@ CASES: list[Case] = [
          note="nginx answers 413 at once: its default client_max_body_size is 1 MiB (ours 1 GiB)"),
     Case("reset mid-download (256 MiB response)", "reverse", "http", _reset_download, "200", peers=True, match=("nginx", "haproxy")),
     Case("reset mid-download (file server)", "files", "http", _reset_download_files, "200"),
+    *[Case(f"reset mid-{what} via {listener}", listener, "http", play, expect)
+      for listener in ("forward", "tunnel_http")
+      for what, play, expect in (("upload", _reset_upload, "no answer (we reset)"), ("download", _reset_download, "200"))],
     Case("reset mid-stream (TCP relay)", "stream", "echo", _reset_relay, "echoed 200 B"),
     # -------------------------------------------------------------- WebSocket frame abuse (ws2tcp)
     Case("ws: unmasked client frame", "ws2tcp", "ws", _ws(ws_frame(2, b"x", masked=False)), "ws close 1002"),
