@@ -772,6 +772,17 @@ async def _slow_read_forward(port: int, stack: Stack, server: str) -> Outcome:
                                  f"Host: 127.0.0.1:{o.number}\r\n\r\n".encode(), o.res, stack.pid, b"fwd")
 
 
+def _pipelined(n: int, size: int) -> Callable[[int, Stack, str], Awaitable[Outcome]]:
+    """``n`` pipelined GETs of ``size`` bytes each, never read: the origin must stop producing
+    (the proxy neither reads ahead without end nor buffers the answers)."""
+    async def play(port: int, stack: Stack, server: str) -> Outcome:
+        t, h = _target(stack, port)
+        tag = f"pipe{port}"
+        request = f"GET {t}/big?n={size}&tag={tag} HTTP/1.1\r\nHost: {h}\r\n\r\n".encode() * n
+        return await slow_read(port, request, stack.origins["ours"].res, stack.pid, tag.encode())
+    return play
+
+
 async def _slow_read_tunnel(port: int, stack: Stack, server: str) -> Outcome:
     o = stack.origins["ours"]
     return await slow_read(port, f"GET /big?n={BIG_RESPONSE}&tag=tun HTTP/1.1\r\nHost: t.test\r\n\r\n".encode(),
@@ -972,6 +983,8 @@ CASES: list[Case] = [
     Case("slow reader of a 32 MiB file", "files", "slowread", _slow_read_files, "file not read ahead", slow=True),
     Case("slow reader through the tunnel (map_http_bind)", "tunnel_http", "slowread", _slow_read_tunnel,
          "origin paused", slow=True),
+    *[Case(f"200 pipelined GETs of 1 MiB, never read ({listener})", listener, "slowread", _pipelined(200, 1 << 20),
+           "origin paused", slow=True) for listener in ("reverse", "forward", "tunnel_http")],
     *[Case(f"sender that never reads the echo ({listener})", listener, "slowread", _flood_on(prefix),
            "sender paused", slow=True)
       for listener, prefix in (("stream", b""), ("tcp2ws", b""), ("ws2tcp", b"ws"), ("forward", b"socks"))],
