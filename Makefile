@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SRC := $(shell find wmproxy_tw twisted -name '*.py' 2>/dev/null) setup.cfg pyproject.toml
 ARGS ?=
-TEST_DEBS := curl nginx-light websockify redis-server
+TEST_DEBS := curl nginx-light websockify redis-server haproxy
 
-.PHONY: install run test test-deps lint fuzz bench profile clean dashboard-shot soak
+.PHONY: install run test test-deps lint fuzz bench profile clean dashboard-shot soak hostile-table
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,10 @@ fuzz: test-deps
 # 0 errors and RSS growth under 5% after warm-up, else exit 1.  Never part of `make test`.
 soak: test-deps
 	SOAK_S=$${SOAK_S:-600} VENV_DIR=$(VENV) $(PY) -m bench.soak
+
+# The hostile-client cases against ours, nginx and HAProxy, as a Markdown table (tests/hostile.py).
+hostile-table: test-deps
+	$(PY) -m tests.hostile_table
 
 # The dashboard in headless Chromium, as build/dashboard.png (installs Debian's chromium: large, so not in `test`).
 dashboard-shot: test-deps

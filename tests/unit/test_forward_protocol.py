@@ -86,3 +86,16 @@ def test_origin_closing_mid_body_sends_what_came_then_closes_and_aborts_later() 
     t.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
     reactor.advance(CLOSE_GRACE)
     assert aborted == [True]
+
+
+def test_ambiguous_body_framing_is_refused_before_connecting() -> None:
+    """CL+TE, differing Content-Lengths and an obfuscated TE get 400 and no upstream connection
+    (h11 took CL+TE as chunked and forwarded both fields: a desync for an upstream trusting CL);
+    h11 itself answers 501 to a coding other than chunked."""
+    for framing in (b"Content-Length: 40\r\nTransfer-Encoding: chunked\r\n",
+                    b"Content-Length: 4\r\nContent-Length: 45\r\n",
+                    b"Transfer-Encoding: chunked, identity\r\n"):
+        p, t, reactor = _proto()
+        p.dataReceived(b"POST http://127.0.0.1:8080/ HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n" + framing + b"\r\n")
+        assert t.value()[:13] in (b"HTTP/1.1 400 ", b"HTTP/1.1 501 "), (framing, t.value())
+        assert reactor.tcpClients == [] and t.disconnecting

@@ -243,6 +243,16 @@ def test_public_http_answers_404_naming_the_host_and_502_when_offline() -> None:
     assert b"gone.test is offline" in transport.value()
 
 
+def test_public_http_refuses_ambiguous_body_framing() -> None:
+    """CL+TE on the public HTTP listener: 400 and a close before any routing (both fields were
+    passed to the mapping, and the rest of the body parsed as a next request)."""
+    proto, transport, _clock = _public_http()
+    proto.dataReceived(b"POST / HTTP/1.1\r\nHost: t.test\r\nContent-Length: 40\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: t.test\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 400 ") and transport.value().count(b"HTTP/1.1") == 1
+    assert transport.disconnecting
+
+
 def test_public_http_deadlines() -> None:
     """A partial request head gets 408 after the header timeout; an idle connection just closes."""
     from wmproxy_tw.tunnel.httpmap import HEADER_TIMEOUT

@@ -225,3 +225,36 @@ def test_apply_limits_on_both_factories() -> None:
     server = WebSocketServerFactory(reactor=clock)
     apply_limits(server, cfg, clock)
     assert server.webStatus is False and server.perMessageCompressionAccept([object()]) is None
+
+
+class _LenientTransport(StringTransport):
+    """autobahn unregisters a producer it never registered when it drops a connection."""
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+def test_ws2tcp_answers_an_oversized_early_flood_once() -> None:
+    """Frames flooding in while the upstream is dialled get one 431; the dial finishing later
+    writes no second response (it was a '499 client closed' on the wire) and closes the upstream."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock
+
+    from wmproxy_tw.balance.testing import FakeSelector
+    from wmproxy_tw.websocket.ws2tcp import Ws2TcpFactory
+
+    cfg = load_text('[[stream.server]]\nbind_addr = "127.0.0.1:1"\nproxy_url = "tcp://127.0.0.1:2"\n'
+                    'bind_mode = "ws2tcp"\n').config.stream.server[0]  # type: ignore[union-attr]
+    reactor = MemoryReactorClock()
+    peer = IPv4Address("TCP", "127.0.0.1", 5555)
+    proto = Ws2TcpFactory(reactor, cfg, FakeSelector([("127.0.0.1", 2)])).buildProtocol(peer)
+    client = _LenientTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 1))
+    proto.makeConnection(client)
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    proto.dataReceived(b"\x82" * 20000)
+    _host, _port, dial_factory, *_ = reactor.tcpClients[0]
+    upstream = _LenientTransport()
+    dial_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2)).makeConnection(upstream)
+    assert client.value() == b"HTTP/1.1 431 request head over 16384 bytes\r\n\r\n"
+    assert upstream.disconnecting

@@ -26,7 +26,14 @@ from ..observe.stats import NULL_STATS, Stats
 from ..h11compat import h11
 from ..relay import CLOSE_GRACE, A, B, Splice, SpliceProtocol
 from . import socks5
-from .httphead import HttpHeadError, RequestHead, hop_by_hop_clean, parse_basic_auth, parse_proxy_target
+from .httphead import (
+    HttpHeadError,
+    RequestHead,
+    body_framing,
+    hop_by_hop_clean,
+    parse_basic_auth,
+    parse_proxy_target,
+)
 from .udp import UdpAssociation
 
 __all__ = ["ForwardFactory", "ForwardProtocol", "BasicAuth"]
@@ -408,6 +415,7 @@ class ForwardProtocol(Protocol):
             return
         try:
             target = parse_proxy_target(head)
+            body_framing(head)  # CL+TE, differing CL, obfuscated TE: 400, never passed upstream
         except HttpHeadError as e:
             self._http_error(e.status, str(e))
             return

@@ -23,7 +23,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..forward.httphead import hop_by_hop_clean
+from ..forward.httphead import HttpHeadError, RequestHead, body_framing, hop_by_hop_clean
 from ..headers import apply_request_rules, apply_response_rules
 from ..relay import A, B, Splice
 from .connection import StreamResetError, TunnelStream, address_text
@@ -181,6 +181,12 @@ class PublicHttp(Protocol, TimeoutMixin):
             self._error(431, f"more than {MAX_HEADERS} header fields")
             return
         headers = _latin(ev.headers)
+        try:  # CL+TE, differing CL, obfuscated TE: 400, never passed to a mapping
+            body_framing(RequestHead(ev.method.decode("latin-1"), ev.target.decode("latin-1"),
+                                     "HTTP/" + ev.http_version.decode(), tuple(headers)))
+        except HttpHeadError as exc:
+            self._error(exc.status, f"bad request: {exc}")
+            return
         host = next((v for k, v in headers if k.lower() == "host"), "")
         target = ev.target.decode("latin-1")
         if not host and "://" in target:

@@ -55,6 +55,13 @@ class Ws2TcpProtocol(BridgeWsMixin, WebSocketServerProtocol):  # type: ignore[mi
     def _handshake_too_large(self) -> None:
         self.failHandshake(f"request head over {MAX_HANDSHAKE} bytes", 431)
 
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        # once answered (e.g. 431 while the upstream was being dialled), the connection is
+        # closing: the dial's outcome must not write a second HTTP response after the first
+        if self.state == CLOSED:
+            return
+        super().failHandshake(reason, code, responseHeaders)
+
     # autobahn takes a Deferred here too (txaio.as_future), which its annotation leaves out
     def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:  # type: ignore[override]
         f = self.factory
