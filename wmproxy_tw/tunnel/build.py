@@ -36,6 +36,15 @@ def _server_tls(p: Proxy) -> bool:
     return p.tc or p.two_way_tls
 
 
+def _servers(p: Proxy) -> str:
+    """The tunnel servers a client lists, and how many it stays attached to."""
+    servers = p.server or ()
+    text = " ".join(str(a) for a in servers)
+    if len(servers) > 1:
+        text += f" (attached to {p.attach_count} at once)"
+    return text
+
+
 def _server_summary(p: Proxy) -> str:
     security = "mutual TLS" if p.two_way_tls else "TLS" if p.tc else "cleartext"
     auth = "tokens" if p.tokens else "username/password" if p.username else "no auth"
@@ -47,7 +56,7 @@ def plan_lines(p: Proxy) -> list[str]:
     lines: list[str] = []
     maps = {"http": p.map_http_bind, "https": p.map_https_bind, "tcp": p.map_tcp_bind,
             "proxy": p.map_proxy_bind}
-    if p.mode == "client" and p.server is None:
+    if p.mode == "client" and not p.server:
         raise StartupError('proxy.mode = "client" needs server = "host:port" (the tunnel server)')
     if p.center_addr:
         if _server_tls(p) and not p.cert:
@@ -83,9 +92,9 @@ def plan_lines(p: Proxy) -> list[str]:
                                "allow_open_proxy = true if you really mean it")
         security = ("mutual TLS" if p.two_way_tls else "TLS") if _client_tls(p) else "cleartext"
         names = ", ".join(f"{m.name} ({m.mode})" for m in p.mappings) or "no mappings"
-        lines.append(f"tunnel client of {p.server} ({security}) publishing {names}")
+        lines.append(f"tunnel client of {_servers(p)} ({security}) publishing {names}")
         for addr in p.bind or ():
-            lines.append(f"forward proxy on {addr} chained to {p.server}")
+            lines.append(f"forward proxy on {addr} chained to {_servers(p)}")
     elif p.mappings:
         raise StartupError("proxy.mappings need server = \"host:port\" (the tunnel server "
                            "to publish them on)")
@@ -192,20 +201,22 @@ class TunnelClientFeature(Feature):
         from .connection import StreamSpliceFactory
 
         super().__init__()
-        assert p.server is not None
+        assert p.server
         self.cfg = p
         self.adopted = False
         needs_engine = any(m.mode == "proxy" for m in p.mappings)
         forward = ForwardFactory(ctx.reactor, p, own_listeners=own, stats=ctx.stats) if needs_engine else None
         self.client = TunnelClient(ctx.reactor, p, forward)
         if _client_tls(p):
-            self.client.use_tls(client_creator(
-                p.domain or p.server.host, ca_path=p.ca,
-                client_cert=(p.cert, p.key) if p.two_way_tls and p.cert and p.key else None))
+            creators = {s: client_creator(
+                p.domain or s.host, ca_path=p.ca,
+                client_cert=(p.cert, p.key) if p.two_way_tls and p.cert and p.key else None)
+                for s in p.server}
+            self.client.use_tls_for(creators.__getitem__)
         chain = StreamSpliceFactory(ctx.reactor, lambda peer: self.client.open_chain(peer), p.idle_timeout,
-                                    f"proxy chained to {p.server}")
+                                    f"proxy chained to {_servers(p)}")
         self.specs = [ListenSpec("tcp", a, "forward proxy (chained)", factory=chain,
-                                 max_connections=p.max_connections, description=f"forward proxy on {a} chained to {p.server}")
+                                 max_connections=p.max_connections, description=f"forward proxy on {a} chained to {_servers(p)}")
                       for a in p.bind or ()]
 
     def listeners(self) -> Iterable[ListenSpec]:
@@ -216,7 +227,7 @@ class TunnelClientFeature(Feature):
         p = self.cfg
         security = ("mutual TLS" if p.two_way_tls else "TLS") if _client_tls(p) else "cleartext"
         names = ", ".join(f"{m.name} ({m.mode})" for m in p.mappings) or "no mappings"
-        return [f"tunnel client of {p.server} ({security}) publishing {names}"]
+        return [f"tunnel client of {_servers(p)} ({security}) publishing {names}"]
 
     def carry_state_from(self, old: IFeature) -> None:
         if isinstance(old, TunnelClientFeature) and old.cfg == self.cfg:
@@ -238,7 +249,8 @@ class TunnelClientFeature(Feature):
         return None
 
     def tunnel_clients(self) -> list[dict[str, Any]]:
-        return [{"server": str(self.cfg.server), "connected": self.client.conn is not None}]
+        return [{"server": a.target_text, "connected": a.conn is not None}
+                for a in self.client.attachments]
 
 
 def build(ctx: BuildContext, config: Config) -> list[IFeature]:
@@ -257,7 +269,7 @@ def build(ctx: BuildContext, config: Config) -> list[IFeature]:
     try:
         if p.center_addr:
             features.append(TunnelServerFeature(ctx, p, own))
-        if p.server is not None:
+        if p.server:
             features.append(TunnelClientFeature(ctx, p, own))
     except TLSConfigError as exc:
         raise StartupError(f"proxy: {exc}") from None
