@@ -161,7 +161,7 @@ class TunnelServerFeature(Feature):
         for mode, addrs in (("tcp", p.map_tcp_bind), ("proxy", p.map_proxy_bind)):
             if addrs:
                 self.server.public_modes.add(mode)
-                splice = StreamSpliceFactory(ctx.reactor, lambda peer, m=mode: self.server.open_default(m, peer),
+                splice = StreamSpliceFactory(ctx.reactor, lambda peer, m=mode: self.server.open_public(m, peer),
                                              p.idle_timeout, f"tunnel {mode}")
                 self.specs += [ListenSpec("tcp", a, f"tunnel {mode}", factory=splice, max_connections=p.max_connections,
                                           description=f"tunnel {mode} mappings on {a}") for a in addrs]
