@@ -1,0 +1,84 @@
+"""The fleet tunnel directory without Redis: claims, leases, lookups by host (tunnel/directory.py)."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from wmproxy_tw.tunnel.directory import Claim, ITunnelDirectory, MemoryDirectory, MemoryTable, lookup_keys
+from wmproxy_tw.tunnel.fleet import route_keys
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def result(d):  # noqa: ANN001, ANN201
+    out = []
+    d.addBoth(out.append)
+    assert out, "the in-memory directory answers at once"
+    return out[0]
+
+
+def nodes(clock: Clock, *names: str) -> list[MemoryDirectory]:
+    table = MemoryTable()
+    return [MemoryDirectory(table, n, f"127.0.0.1:{9000 + i}", clock, lease=3.0) for i, n in enumerate(names)]
+
+
+def test_memory_directory_provides_the_interface() -> None:
+    """MemoryDirectory implements ITunnelDirectory."""
+    (a,) = nodes(Clock(), "a")
+    assert verifyObject(ITunnelDirectory, a)
+
+
+def test_lookup_keys_exact_then_wildcard_suffixes() -> None:
+    """A host matches itself first, then ever shorter *. suffixes."""
+    assert lookup_keys("a.b.example.com") == ["a.b.example.com", "*.b.example.com", "*.example.com", "*.com"]
+    assert lookup_keys("localhost") == ["localhost"]
+
+
+def test_claims_of_two_nodes_and_release() -> None:
+    """Two nodes claim one domain: both are listed (sorted); a release leaves the other."""
+    clock = Clock()
+    a, b = nodes(clock, "a", "b")
+    result(a.claim("http", "w.test"))
+    result(b.claim("http", "w.test"))
+    assert result(a.lookup("http", ["w.test"])) == [Claim("a", "127.0.0.1:9000"), Claim("b", "127.0.0.1:9001")]
+    result(b.release("http", "w.test"))
+    assert result(a.lookup("http", ["w.test"])) == [Claim("a", "127.0.0.1:9000")]
+    assert result(a.lookup("https", ["w.test"])) == []
+
+
+def test_a_claim_lapses_after_its_lease_unless_renewed() -> None:
+    """Renewal keeps a claim; a node that stops renewing disappears within the lease."""
+    clock = Clock()
+    a, b = nodes(clock, "a", "b")
+    result(a.claim("tcp", ""))
+    result(b.claim("tcp", ""))
+    for _ in range(4):
+        clock.advance(1.0)
+        result(a.renew())  # b is dead: it renews nothing
+    assert result(a.lookup("tcp", [""])) == [Claim("a", "127.0.0.1:9000")]
+    clock.advance(3.0)
+    assert result(b.lookup("tcp", [""])) == []
+
+
+def test_wildcard_claim_found_by_a_subdomain_after_an_exact_miss() -> None:
+    """A *.example.com claim answers x.example.com; an exact claim wins over it."""
+    clock = Clock()
+    a, b = nodes(clock, "a", "b")
+    result(a.claim("http", "*.example.com"))
+    assert result(b.lookup("http", lookup_keys("x.example.com"))) == [Claim("a", "127.0.0.1:9000")]
+    result(b.claim("http", "x.example.com"))
+    assert result(a.lookup("http", lookup_keys("x.example.com"))) == [Claim("b", "127.0.0.1:9001")]
+    result(a.release_all())
+    assert result(b.lookup("http", lookup_keys("y.example.com"))) == []
+
+
+def test_route_keys_per_mode() -> None:
+    """http/https routes claim their domains, default tcp/proxy routes "", remote_port routes nothing."""
+    from wmproxy_tw.tunnel.server import Route
+
+    conn = object()
+    assert route_keys(Route(conn, "w", "http", ("a.test", "*.b.test"))) == ["a.test", "*.b.test"]  # type: ignore[arg-type]
+    assert route_keys(Route(conn, "t", "tcp")) == [""]  # type: ignore[arg-type]
+    assert route_keys(Route(conn, "p", "tcp", remote_port=2222)) == []  # type: ignore[arg-type]
