@@ -653,6 +653,94 @@ class TunnelTcp(Tunnel):
         return iperf(r.port or self.ctx.iperf_port, duration, 1)
 
 
+# ............................................................ fleet tunnel (issue 10)
+
+FLEET_SECRET = "bench-fleet-secret-0123456789"
+
+
+class FleetHop(Scenario):
+    """Two fleet nodes and a Redis; the client is attached to B: requests via A take the A→B hop."""
+
+    name = "fleet_hop"
+    unit = "ms"
+    better = "lower"
+    title = "fleet: median latency, GET 1 KiB via node A (A→B link hop) vs via node B holding the client (wrk -c 10)"
+    note = "'ours' is node A (the hop), 'holder' is node B serving its own client; same processes"
+    peers = ("holder",)
+
+    def _node(self, name: str, http: int, center: int, link: int) -> str:
+        return f"""[fleet]
+redis = "redis://127.0.0.1:{self.p("redis")}/0"
+node_id = "{name}"
+advertise = "127.0.0.1:{link}"
+secret = "{FLEET_SECRET}"
+lease = "3s"
+
+[proxy]
+center_addr = "127.0.0.1:{center}"
+username = "bench"
+password = "bench"
+map_http_bind = "127.0.0.1:{http}"
+"""
+
+    def ours_configs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        a = (self.p("a-http"), self.p("a-center"), self.p("a-link"))
+        b = (self.p("b-http"), self.p("b-center"), self.p("b-link"))
+        client = f"""[proxy]
+server = "127.0.0.1:{b[1]}"
+username = "bench"
+password = "bench"
+
+[[proxy.mappings]]
+name = "web"
+mode = "http"
+local_addr = "127.0.0.1:{self.ctx.origin_port}"
+domain = "{TUNNEL_DOMAIN}"
+"""
+        return {"ours-fleet-a": (self._node("a", *a), a), "ours-fleet-b": (self._node("b", *b), b),
+                "ours-fleet-client": (client, ())}
+
+    def start(self, who: str) -> Running:
+        if who != "ours":
+            return Running([], self.p("b-http"))  # node B of ours' processes
+        port = self.p("redis")
+        redis = Proc("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], self.ctx.dir("redis"), (port,))
+        redis.start()
+        try:
+            running = super().start("ours")
+        except BaseException:
+            redis.stop()
+            raise
+        running.procs.append(redis)
+        return running
+
+    def ours_port(self) -> int:
+        return self.p("a-http")
+
+    def ready(self, procs: list[Proc]) -> None:
+        """Both nodes answer for the client's domain (B directly, A through the directory)."""
+        import http.client
+
+        deadline = time.monotonic() + 20
+        for port in (self.p("b-http"), self.p("a-http")):
+            while True:
+                try:
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    c.request("GET", "/1k", headers={"Host": TUNNEL_DOMAIN})
+                    if c.getresponse().status == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"port {port} did not serve the tunnel domain within 20s")
+                time.sleep(0.2)
+
+    def measure(self, who: str, r: Running, duration: float) -> Measured:
+        rps, extras = wrk(f"http://127.0.0.1:{r.port}/1k", duration, 10, headers={"Host": TUNNEL_DOMAIN})
+        return extras["p50"] * 1000, {"rps": rps, "p99_ms": extras.get("p99", 0.0) * 1000}
+
+
 # ------------------------------------------------------------------ table
 
 FACTORIES: list[Callable[[Ctx], Scenario]] = [
@@ -660,7 +748,7 @@ FACTORIES: list[Callable[[Ctx], Scenario]] = [
     lambda c: Reverse(c, 50), lambda c: Reverse(c, 500),
     lambda c: Static(c, "/1k"), lambda c: Static(c, "/1m"),
     lambda c: TcpRelay(c, 1), lambda c: TcpRelay(c, 8), UdpRelay,
-    WsChain, TunnelHttp, TunnelTcp,
+    WsChain, TunnelHttp, TunnelTcp, FleetHop,
     IdleHttp, IdleTcpRelay, IdleConnect,
     TlsHandshake,
 ]

@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from ..config.grammar import Address, is_loopback_host
-from ..config.model import Config, Proxy
+from ..config.model import Config, Fleet, Proxy
 from ..feature import BuildContext, Feature, IFeature, ListenSpec
 from ..listen import ListenerRegistry, StartupError
 from ..tls import TLSConfigError, client_creator, server_creator
@@ -123,7 +123,7 @@ class TunnelServerFeature(Feature):
 
     name = "tunnel-server"
 
-    def __init__(self, ctx: BuildContext, p: Proxy, own: tuple[Address, ...]) -> None:
+    def __init__(self, ctx: BuildContext, p: Proxy, own: tuple[Address, ...], fleet: Optional[Fleet] = None) -> None:
         from ..forward.server import ForwardFactory
         from .connection import StreamSpliceFactory
         from .httpmap import PublicHttp
@@ -131,6 +131,7 @@ class TunnelServerFeature(Feature):
 
         super().__init__()
         self.cfg = p
+        self.fleet_cfg = fleet
         self.adopted = False
         # remote_port listeners open and close with their clients: their own registry, so a
         # reload (which diffs the service's listeners) leaves them alone
@@ -165,25 +166,50 @@ class TunnelServerFeature(Feature):
                                              p.idle_timeout, f"tunnel {mode}")
                 self.specs += [ListenSpec("tcp", a, f"tunnel {mode}", factory=splice, max_connections=p.max_connections,
                                           description=f"tunnel {mode} mappings on {a}") for a in addrs]
+        if fleet is not None:
+            self._fleet_link(ctx, fleet)
+
+    def _fleet_link(self, ctx: BuildContext, fleet: Fleet) -> None:
+        """[fleet]: claims in the Redis directory, and the inter-node link on ``advertise``."""
+        from .directory import RedisDirectory
+        from .fleet import FleetTunnels, LinkServerConnection
+
+        assert fleet.advertise is not None and fleet.secret is not None
+        node = getattr(ctx, "fleet", None)  # the FleetFeature: the one Redis connection manager
+        if node is None:
+            raise StartupError("[fleet]: the fleet feature must be built before the tunnel server")
+        directory = RedisDirectory(node.redis, node.key, node.node_id, str(fleet.advertise), fleet.lease)
+        self.server.fleet = FleetTunnels(self.server, directory, fleet.secret, renew_every=fleet.lease / 3)
+        link = _Late(lambda: LinkServerConnection(self.server.fleet))
+        self.specs.append(ListenSpec("tcp", fleet.advertise, "fleet link", factory=link,
+                                     description=f"fleet tunnel link on {fleet.advertise} (node {node.node_id})"))
 
     def listeners(self) -> Iterable[ListenSpec]:
         return self.specs
 
     def carry_state_from(self, old: IFeature) -> None:
-        if isinstance(old, TunnelServerFeature) and old.cfg == self.cfg:
+        if isinstance(old, TunnelServerFeature) and old.cfg == self.cfg and old.fleet_cfg == self.fleet_cfg:
             # same settings: keep the server, its connected clients and their mappings
             modes = self.server.public_modes
             self.server = old.server
             self.server.public_modes = modes
             old.adopted = True
 
+    def start(self) -> None:
+        if self.server.fleet is not None:
+            self.server.fleet.start()
+
     def stop(self) -> None:
         if not self.adopted:
             self.server.stop()
+            if self.server.fleet is not None:
+                self.server.fleet.stop()
 
     def drain(self) -> Optional[Deferred[Any]]:
         self.server.stop()
         self.server.listeners.close_all()
+        if self.server.fleet is not None:
+            return self.server.fleet.stop()
         return None
 
     def tunnel_clients(self) -> list[dict[str, Any]]:
@@ -265,10 +291,19 @@ def build(ctx: BuildContext, config: Config) -> list[IFeature]:
                                                      p.map_tcp_bind, p.map_proxy_bind) for a in addrs or ())
     if not config.disable_control:
         own += (config.control,)
+    fleet = config.fleet if p.center_addr else None
+    if fleet is not None:
+        if fleet.advertise is None:
+            raise StartupError("fleet.advertise is needed with a tunnel server: the host:port on which "
+                               "the other fleet nodes reach this node's inter-node link")
+        if fleet.secret is None:
+            raise StartupError("fleet.secret is needed with a tunnel server: it authenticates the "
+                               "inter-node links (at least 16 characters, the same on every node)")
+        own += (fleet.advertise,)
     features: list[IFeature] = []
     try:
         if p.center_addr:
-            features.append(TunnelServerFeature(ctx, p, own))
+            features.append(TunnelServerFeature(ctx, p, own, fleet))
         if p.server:
             features.append(TunnelClientFeature(ctx, p, own))
     except TLSConfigError as exc:
