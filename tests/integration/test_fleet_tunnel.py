@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,7 +76,7 @@ async def fleet_nodes(*names: str, secrets: dict[str, str] | None = None) -> lis
 
 
 @pytest_twisted.ensureDeferred
-async def test_requests_on_other_nodes_reach_the_client_byte_identical() -> None:
+async def test_requests_on_other_nodes_reach_the_client_byte_identical(tmp_path: Path) -> None:
     """A client attached to B only: HTTP via A and C is byte-identical to direct; TCP via A too."""
     web, echo = origin(), echo_server()
     a, b, c = await fleet_nodes("a", "b", "c")
@@ -83,6 +84,12 @@ async def test_requests_on_other_nodes_reach_the_client_byte_identical() -> None
                               + mapping("echo", "tcp", echo.getHost().port))
     try:
         await until(lambda: ("http", "w.test") in a.table.entries and ("tcp", "") in a.table.entries)
+        # the first request to C waits for its link to B: its body is held meanwhile, not lost
+        upload = tmp_path / "upload"
+        upload.write_bytes(pattern(1_000_000))
+        status, body = await curl("-H", "Host: w.test", "--data-binary", f"@{upload}",
+                                  f"http://127.0.0.1:{c.http()}/echo")
+        assert status == 200 and body == pattern(1_000_000)
         direct_status, direct = await curl(f"http://127.0.0.1:{web.getHost().port}/blob?n=300000")
         assert direct_status == 200 and direct == pattern(300000)
         for node in (a, c, b):
@@ -101,8 +108,15 @@ async def test_requests_on_other_nodes_reach_the_client_byte_identical() -> None
         raw.transport.write(b"ping through the fleet")
         assert await raw.wait_for(b"ping through the fleet") == b"ping through the fleet"
         raw.transport.loseConnection()
-    finally:
+        # the tcp client leaves: a new connection on A's map_tcp_bind is closed at once
         await stop(cli)
+        cli = None
+        await until(lambda: ("tcp", "") not in a.table.entries)
+        raw = await raw_connect(port_of(a.svc, "tunnel tcp"))
+        await raw.closed
+    finally:
+        if cli is not None:
+            await stop(cli)
         for node in (a, b, c):
             await node.stop()
         await stop(web, echo)
