@@ -179,7 +179,8 @@ class TunnelServerFeature(Feature):
         if node is None:
             raise StartupError("[fleet]: the fleet feature must be built before the tunnel server")
         directory = RedisDirectory(node.redis, node.key, node.node_id, str(fleet.advertise), fleet.lease)
-        self.server.fleet = FleetTunnels(self.server, directory, fleet.secret, renew_every=fleet.lease / 3)
+        self.server.fleet = FleetTunnels(self.server, directory, fleet.secret, renew_every=fleet.lease / 3,
+                                         availability=node.redis)
         link = _Late(lambda: LinkServerConnection(self.server.fleet))
         self.specs.append(ListenSpec("tcp", fleet.advertise, "fleet link", factory=link,
                                      description=f"fleet tunnel link on {fleet.advertise} (node {node.node_id})"))

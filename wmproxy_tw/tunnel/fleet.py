@@ -239,7 +239,7 @@ class FleetTunnels:
     """A tunnel server's part of the fleet: claims, renewals, and carrying requests to holders."""
 
     def __init__(self, server: TunnelServer, directory: ITunnelDirectory, secret: str,
-                 renew_every: float | None = None) -> None:
+                 renew_every: float | None = None, availability: Any = None) -> None:
         self.server = server
         self.directory = directory
         self.node_id = directory.node_id
@@ -247,20 +247,30 @@ class FleetTunnels:
         self.pool = LinkPool(self)
         self.remote: dict[tuple[str, str], RemoteRoute] = {}  # (node, mode) → route, for reuse
         self.renew_every = renew_every
+        self.availability = availability  # has on_change/off_change(callback(bool)): the Redis manager
         self._renewer: LoopingCall | None = None
 
     # --- life ---
 
     def start(self) -> None:
-        """Renew the claims every ``renew_every`` seconds (unless the fleet heartbeat does)."""
+        """Renew the claims every ``renew_every`` seconds (the fleet heartbeat's period, lease / 3)
+        and at once when the store comes back after an outage."""
         if self.renew_every and self._renewer is None:
             self._renewer = LoopingCall(self.renew)
             self._renewer.clock = self.server.reactor
             self._renewer.start(self.renew_every, now=False)
+            if self.availability is not None:
+                self.availability.on_change(self._availability)
+
+    def _availability(self, available: bool) -> None:
+        if available:
+            self.renew()
 
     def stop(self) -> Deferred[None]:
         if self._renewer is not None and self._renewer.running:
             self._renewer.stop()
+            if self.availability is not None:
+                self.availability.off_change(self._availability)
         self._renewer = None
         self.pool.close_all()
         return self._quiet(self.directory.release_all(), "release the tunnel claims")
@@ -271,7 +281,7 @@ class FleetTunnels:
 
     def link_factory(self) -> Factory:
         """The protocol factory for the ``advertise`` listener."""
-        factory = Factory.forProtocol(lambda: LinkServerConnection(self))  # type: ignore[arg-type]
+        factory: Factory = Factory.forProtocol(lambda: LinkServerConnection(self))  # type: ignore[arg-type]
         factory.noisy = False
         return factory
 
@@ -294,10 +304,11 @@ class FleetTunnels:
 
     # --- finding a holder node ---
 
-    def find(self, mode: str, host: str | None) -> Deferred[RemoteRoute | None]:
-        """A route to a live node that holds ``host`` (or the mode's default), or None."""
+    def find(self, mode: str, host: str | None) -> Deferred[Any]:
+        """Fires with a :class:`RemoteRoute` to a live node that holds ``host`` (or the mode's
+        default), or with None."""
         keys = lookup_keys(host) if host is not None else [""]
-        d = self.directory.lookup(mode, keys)
+        d: Deferred[Any] = self.directory.lookup(mode, keys)
         d.addCallback(self._pick, mode)
 
         def failed(failure: Failure) -> None:
@@ -308,17 +319,17 @@ class FleetTunnels:
         d.addErrback(failed)
         return d
 
-    def _pick(self, claims: list[Claim], mode: str) -> Deferred[RemoteRoute | None]:
+    def _pick(self, claims: list[Claim], mode: str) -> Deferred[Any]:
         others = [c for c in claims if c.node != self.node_id]
         # a node we already hold a link to first, then the others in order
         others.sort(key=lambda c: (c.node not in self.pool.links, c.node))
         return self._try(others, mode)
 
-    def _try(self, claims: list[Claim], mode: str) -> Deferred[RemoteRoute | None]:
+    def _try(self, claims: list[Claim], mode: str) -> Deferred[Any]:
         if not claims:
             return succeed(None)
         claim, rest = claims[0], claims[1:]
-        d = self.pool.get(claim)
+        d: Deferred[Any] = self.pool.get(claim)
         d.addCallback(self._route, mode)
         d.addErrback(lambda _f: self._try(rest, mode))
         return d
@@ -335,7 +346,7 @@ class FleetTunnels:
             if route.link is link:
                 del self.remote[key]
 
-    def open_default(self, mode: str, peer: Any) -> Deferred[TunnelStream | None] | TunnelStream | None:
+    def open_default(self, mode: str, peer: Any) -> Any:
         """A stream for ``map_tcp_bind`` / ``map_proxy_bind``: local client first, else a holder."""
         local = self.server.open_default(mode, peer)
         if local is not None:
