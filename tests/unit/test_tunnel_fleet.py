@@ -1,13 +1,18 @@
-"""The fleet tunnel directory without Redis: claims, leases, lookups by host (tunnel/directory.py)."""
+"""Fleet tunnels without Redis or sockets: directory claims and leases, the inter-node link's checks."""
 
 from __future__ import annotations
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
+from wmproxy_tw.config.model import Proxy
 from wmproxy_tw.tunnel.directory import Claim, ITunnelDirectory, MemoryDirectory, MemoryTable, lookup_keys
-from wmproxy_tw.tunnel.fleet import route_keys
+from wmproxy_tw.tunnel.fleet import FleetTunnels, LinkServerConnection, route_keys
+from wmproxy_tw.tunnel.frames import AuthFailed, FrameDecoder, HelloOk, Refuse, Reset, ResetCode, encode_all
+from wmproxy_tw.tunnel.server import Route
+from wmproxy_tw.tunnel.session import Multiplexer
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -76,9 +81,60 @@ def test_wildcard_claim_found_by_a_subdomain_after_an_exact_miss() -> None:
 
 def test_route_keys_per_mode() -> None:
     """http/https routes claim their domains, default tcp/proxy routes "", remote_port routes nothing."""
-    from wmproxy_tw.tunnel.server import Route
-
     conn = object()
     assert route_keys(Route(conn, "w", "http", ("a.test", "*.b.test"))) == ["a.test", "*.b.test"]  # type: ignore[arg-type]
     assert route_keys(Route(conn, "t", "tcp")) == [""]  # type: ignore[arg-type]
     assert route_keys(Route(conn, "p", "tcp", remote_port=2222)) == []  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ the link, without sockets
+
+
+class _Server:
+    """What a link needs of a TunnelServer: settings, a clock, the public modes, no local route."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.reactor = clock
+        self.cfg = Proxy()
+        self.public_modes = {"tcp"}
+
+    def open_default(self, mode: str, peer: object) -> None:
+        return None
+
+
+def _link(secret: str, given: str):  # noqa: ANN202
+    clock = Clock()
+    (directory,) = nodes(clock, "b")
+    fleet = FleetTunnels(_Server(clock), directory, secret)  # type: ignore[arg-type]
+    conn = LinkServerConnection(fleet)
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    peer = Multiplexer(True)
+    conn.dataReceived(encode_all(peer.hello(client="a", token=given)))
+    replies = FrameDecoder().feed(transport.value())
+    transport.clear()
+    return conn, peer, transport, replies, clock
+
+
+def test_link_refuses_a_wrong_secret() -> None:
+    """HELLO with another secret: AUTH_FAILED and the link closes; nothing else is accepted."""
+    conn, _peer, transport, replies, _clock = _link("s" * 20, "t" * 20)
+    assert [type(f) for f in replies] == [AuthFailed]
+    assert transport.disconnecting
+
+
+def test_link_refuses_registrations_and_resets_unserved_services() -> None:
+    """A good secret opens the link; REGISTER is refused; a service without a local route is reset."""
+    conn, peer, transport, replies, _clock = _link("s" * 20, "s" * 20)
+    assert [type(f) for f in replies] == [HelloOk]
+    for f in replies:
+        peer.receive_frame(f)
+    frames = peer.register("web", "http", ("w.test",))
+    _sid, opened = peer.open_stream("@fleet-tcp")
+    _sid2, other = peer.open_stream("@fleet-http")  # no map_http_bind on this node
+    conn.dataReceived(encode_all(frames + opened + other))
+    out = FrameDecoder().feed(transport.value())
+    assert any(isinstance(f, Refuse) and "no mappings" in f.reason for f in out)
+    resets = [f for f in out if isinstance(f, Reset)]
+    assert [r.code for r in resets] == [ResetCode.UNKNOWN_MAPPING] * 2
+    assert not transport.disconnecting
