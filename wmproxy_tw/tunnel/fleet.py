@@ -150,7 +150,7 @@ class LinkConnection(TunnelConnection):
 
     def tunnel_made(self) -> None:
         fleet = self.pool.fleet
-        self._send(self.mux.hello(client=fleet.node_id,
+        self._send(self.mux.hello(client=fleet.node_id[:64],  # HELLO allows 64 characters
                                   token=fleet.secret.decode("utf-8", "surrogatepass")))
 
     def session_event(self, event: Event) -> None:
