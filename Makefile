@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SRC := $(shell find wmproxy_tw twisted -name '*.py' 2>/dev/null) setup.cfg pyproject.toml
 ARGS ?=
-TEST_DEBS := curl nginx-light websockify
+TEST_DEBS := curl nginx-light websockify redis-server
 
 .PHONY: install run test test-deps lint fuzz bench profile clean dashboard-shot
 

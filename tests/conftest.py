@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.logger import globalLogPublisher
 
 
@@ -48,3 +49,34 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         current = getattr(fn, "_hypothesis_internal_use_settings", None)
         if current is not None:
             fn._hypothesis_internal_use_settings = settings(current, max_examples=int(n), deadline=None)  # type: ignore[union-attr]
+
+
+@pytest_twisted.async_yield_fixture
+async def redis_server(tmp_path: Any) -> Any:
+    """A real redis-server on a free loopback port for the test (killed after it)."""
+    from .helpers import REDIS_SERVER, RedisServer
+
+    if not os.path.exists(REDIS_SERVER):
+        pytest.fail(f"{REDIS_SERVER} is missing: `make test-deps` installs the redis-server package")
+    server = RedisServer(tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+def fleet_log() -> Iterator[list[str]]:
+    """The fleet's log lines (``fleet: ...``) during the test."""
+    from twisted.logger import formatEvent
+
+    lines: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if (event.get("log_format") or "").startswith("fleet:"):
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield lines
+    globalLogPublisher.removeObserver(observer)

@@ -276,3 +276,51 @@ async def connect_tunnel(proxy_port: int, target_port: int) -> RawClient:
     head = await c.wait_for(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     return c
+
+
+# ------------------------------------------------------------------ a real redis-server (fleet tests)
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+class RedisServer:
+    """A ``redis-server`` of our own on 127.0.0.1:``port`` (never the system's 6379), no persistence.
+
+    ``stop()``/``start()`` make an outage and end it, on the same port.
+    """
+
+    def __init__(self, folder: Path, *extra: str) -> None:
+        self.folder = folder
+        self.extra = list(extra)
+        self.port = free_port()
+        self.proc: Optional[Running] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self.proc = spawn([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no", "--dir", str(self.folder), "--loglevel", "warning", *self.extra])
+        self.proc.ended.addErrback(lambda _f: None)
+        await wait_port(self.port, 10.0)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.code is None:
+            await self.proc.stop(10.0)
+            await wait_port(self.port, 10.0, up=False)
+        self.proc = None
+
+
+async def until(check: Any, seconds: float = 10.0) -> None:
+    """Poll ``check()`` on the reactor every 20 ms until it is true (bounded)."""
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        await deferLater(0.02)
+    raise AssertionError(f"not true within {seconds}s: {check}")
+
+
+def feature(svc: ProxyService, name: str) -> Any:
+    """The running feature called ``name`` (``fleet``, ``reverse``...)."""
+    return next(f for f in svc.features if f.name == name)

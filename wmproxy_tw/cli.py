@@ -1,5 +1,8 @@
 """``wmproxy``: check a file, talk to a running instance (reload, stop, status), make certificates.
 
+``wmproxy reload --fleet -c FILE`` reloads every live node of the file's
+``[fleet]`` through its Redis instead (one line per node).
+
 The instance is found at ``-u URL`` (default http://127.0.0.1:8837), or at
 the ``control`` address of ``-c FILE``; the token comes from ``-t``, then
 ``$WMPROXY_CONTROL_TOKEN``, then ``control_token`` in ``-c FILE``.
@@ -81,6 +84,46 @@ def _gen_cert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet_reload(args: argparse.Namespace) -> int:
+    """``reload --fleet``: through the fleet's Redis (a short-lived connection under ``task.react``)."""
+    if not args.config:
+        sys.stderr.write("wmproxy: reload --fleet needs -c FILE (the file names the fleet's Redis)\n")
+        return 1
+    try:
+        config = load_config(args.config).config
+    except ConfigError as e:
+        for line in e.errors:
+            sys.stderr.write(f"wmproxy: {line}\n")
+        return 1
+    if config.fleet is None:
+        sys.stderr.write(f"wmproxy: {args.config} has no [fleet] section: reload --fleet needs one\n")
+        return 1
+    from twisted.internet import defer, task
+
+    from .fleet.reload import fleet_reload
+
+    outcome: list[tuple[list[str], Any]] = []
+
+    def run(reactor: object) -> defer.Deferred[None]:
+        d = defer.ensureDeferred(fleet_reload(reactor, config, args.timeout))
+        return d.addCallback(outcome.append)
+
+    try:
+        task.react(run)
+    except SystemExit as e:
+        if not outcome:
+            sys.stderr.write("wmproxy: reload --fleet failed\n")
+            return int(e.code or 1)
+    lines, ok = outcome[0]
+    if not lines:  # nothing to ask: ok is False and there is a reason
+        sys.stderr.write(f"wmproxy: reload --fleet: {ok}\n")
+        return 1
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    if ok is not True:
+        sys.stderr.write("wmproxy: reload --fleet: some nodes failed or did not answer\n")
+    return 0 if ok is True else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wmproxy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the raw /status document")
+        if name == "reload":
+            p.add_argument("--fleet", action="store_true",
+                           help="reload every live node of the [fleet] of -c FILE (through its Redis); "
+                                "one line per node, exit 1 if any failed or did not answer within --timeout")
     p_gen = sub.add_parser("gen-cert", help="make a local CA and server/client certificates")
     p_gen.add_argument("-o", "--out", default="certs", help="folder to write into (default: certs)")
     p_gen.add_argument("-n", "--name", action="append", default=[],
@@ -114,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         from .tap import run_check
 
         return run_check(args.config)
+
+    if args.cmd == "reload" and args.fleet:
+        return _fleet_reload(args)
 
     try:
         url, token = _target(args)

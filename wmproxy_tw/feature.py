@@ -81,6 +81,11 @@ class BuildContext:
 
     reactor: Any
     stats: Stats = field(default_factory=lambda: NULL_STATS)
+    #: The running service's controller (reload), None while planning.
+    controller: Any = None
+    #: The fleet feature (wmproxy_tw.fleet), set by its builder (first in BUILDERS) when
+    #: ``[fleet]`` is present: features built after it reach Redis through it.
+    fleet: Any = None
 
 
 class IFeature(Interface):

@@ -2,7 +2,8 @@
 
 * :func:`access_allowed` — ``allow_ip``/``deny_ip`` (the caller answers 403).
 * :class:`RequestZone` — ``limit_req_zone``: nginx's leaky bucket per key
-  (``burst``, ``nodelay``), memory bounded by the zone's ``limit`` with LRU
+  (``burst``, ``nodelay``; ``shared`` zones are decided in Redis by
+  :mod:`wmproxy_tw.fleet.limits`), memory bounded by the zone's ``limit`` with LRU
   eviction (a full zone forgets its least recently seen key, it never refuses
   everyone), state carried over a reload by zone name.  :meth:`RequestZone.check`
   returns a :class:`Decision`: pass now, pass after ``delay`` seconds, or 503
@@ -133,6 +134,11 @@ class RequestZone:
         delay = 0.0 if nodelay or excess == 0 else excess / self.rate
         return Decision(True, delay=delay)
 
+    def decide(self, key: str, burst: int = 0, nodelay: bool = False) -> Decision | Deferred[Decision]:
+        """What :class:`LimitReqStep` asks: here :meth:`check`; a shared zone
+        (:class:`wmproxy_tw.fleet.limits.SharedRequestZone`) answers with a Deferred."""
+        return self.check(key, burst, nodelay)
+
     def _expire(self, now: float) -> None:
         for _ in range(2):
             if not self._states:
@@ -154,11 +160,13 @@ class RequestZone:
 
 
 def build_zones(specs: Mapping[str, LimitReqZone], clock: IReactorTime,
-                previous: Mapping[str, RequestZone] | None = None) -> dict[str, RequestZone]:
-    """The zones of ``http.limit_req_zone``; state carried over from ``previous`` by name."""
+                previous: Mapping[str, RequestZone] | None = None,
+                shared: Callable[[str, LimitReqZone], RequestZone] | None = None) -> dict[str, RequestZone]:
+    """The zones of ``http.limit_req_zone``; state carried over from ``previous`` by name.
+    ``shared(name, spec)`` builds the zones marked ``shared`` (the fleet's)."""
     zones = {}
     for name, spec in specs.items():
-        zone = RequestZone(name, spec, clock)
+        zone = shared(name, spec) if spec.shared and shared is not None else RequestZone(name, spec, clock)
         if previous is not None and name in previous:
             zone.carry_state_from(previous[name])
         zones[name] = zone
@@ -183,7 +191,14 @@ class LimitReqStep:
         self.clock = clock
 
     def check(self, request: Any, ctx: Any = None) -> bool | Deferred[bool]:
-        decision = self.zone.check(self.key(request), self.rule.burst, self.rule.nodelay)
+        decision = self.zone.decide(self.key(request), self.rule.burst, self.rule.nodelay)
+        if isinstance(decision, Deferred):  # a shared zone: Redis decides
+            return decision.addCallback(self._apply, request)
+        return self._apply(decision, request)
+
+    def _apply(self, decision: Decision, request: Any) -> bool | Deferred[bool]:
+        if getattr(request, "_disconnected", False):
+            return False
         if not decision.allowed:
             _log.debug("limit_req zone {zone}: refused {key}", zone=self.zone.name, key=self.key(request))
             answer_503(request, decision.retry_after)

@@ -24,6 +24,7 @@ from .config import Config, ConfigError, Loaded, load_config
 from .control import feature as control_feature
 from .control.api import IController, ReloadError
 from .feature import BuildContext, IFeature, ListenSpec
+from . import fleet
 from .forward import feature as forward_feature
 from . import stream as stream_feature
 from . import reverse
@@ -39,6 +40,7 @@ Builder = Callable[[BuildContext, Config], list[IFeature]]
 
 #: One entry per capability: ``build(ctx, config) -> [IFeature]``.
 BUILDERS: list[Builder] = [
+    fleet.build,  # first: sets ctx.fleet for the features that share state through Redis
     forward_feature.build,
     stream_feature.build,
     tunnel_feature.build,
@@ -52,8 +54,8 @@ ABORT_GRACE = 2.0
 def _unsupported(config: Config) -> list[str]:
     """Sections that parse but are not served yet: refused, never ignored."""
     out = reverse.unsupported(config)
-    if config.fleet is not None:
-        out.append("fleet")
+    if config.fleet is not None and resolve_workers(config) > 1:
+        out.append("[fleet] with workers > 1")
     return out
 
 
@@ -154,7 +156,7 @@ class ProxyService(service.MultiService):
         return self.loaded.config
 
     def _build(self, loaded: Loaded) -> tuple[list[IFeature], list[ListenSpec]]:
-        ctx = BuildContext(self.reactor, self.stats)
+        ctx = BuildContext(self.reactor, self.stats, controller=self.controller)
         return build_features(ctx, loaded.config, self.controller, control=self.with_control, serve=self.serve)
 
     # -- start ----------------------------------------------------------------
@@ -337,12 +339,17 @@ class ProxyService(service.MultiService):
             "upstreams": upstreams,
             "tunnel_clients": clients,
             "features": {f.name: f.snapshot() for f in self.features},
+            "fleet": next((f.fleet_status() for f in self.features if hasattr(f, "fleet_status")), None),
             "counters": self.stats.totals(),
         }
 
     # -- IController (the control API) --------------------------------------------
-    def control_status(self) -> dict[str, Any]:
-        return self.status()
+    def control_status(self) -> Any:
+        """/status; with [fleet], after asking Redis for the live nodes (the last list if it can't answer)."""
+        fleet = next((f for f in self.features if hasattr(f, "nodes")), None)
+        if fleet is None:
+            return self.status()
+        return fleet.nodes().addErrback(lambda _f: None).addCallback(lambda _: self.status())
 
     def control_metrics(self) -> bytes:
         return self.stats.render()

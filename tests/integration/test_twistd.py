@@ -59,10 +59,10 @@ async def test_missing_file_and_open_proxy_refused(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_unsupported_section_is_refused(tmp_path: Path) -> None:
-    """A [fleet] section (not served yet) is refused at start-up, never silently ignored."""
-    path = _write(tmp_path, '[proxy]\nbind = "127.0.0.1:0"\n[fleet]\nredis = "redis://127.0.0.1:6379/0"\n')
+    """[fleet] with worker processes (not served yet) is refused at start-up, never silently ignored."""
+    path = _write(tmp_path, 'workers = 2\n[proxy]\nbind = "127.0.0.1:0"\n[fleet]\nredis = "redis://127.0.0.1:6379/0"\n')
     _o, err, code = await twistd("wmproxy", "--check", "-c", path)
-    assert code == 1 and b"not supported yet: fleet" in err
+    assert code == 1 and b"not supported yet: [fleet] with workers > 1" in err
 
 
 @pytest_twisted.ensureDeferred

@@ -29,6 +29,8 @@ __all__ = [
     "parse_ipset",
     "parse_rate",
     "parse_size",
+    "RedisURL",
+    "parse_redis_url",
     "format_address",
     "is_loopback_host",
 ]
@@ -368,3 +370,44 @@ def parse_flag(value: Any) -> frozenset[str]:
             raise ValueError(f"bad flag {value!r}: expected words from 'http https socks5'")
         return frozenset(_FLAG_WORDS[w] for w in words)
     raise ValueError(f"expected 'http https socks5' or a number 1-7, found {value!r}")
+
+
+@dataclass(frozen=True)
+class RedisURL:
+    """``redis://[[user]:password@]host[:port][/db]``; ``rediss://`` is Redis over TLS."""
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    password: str | None = None
+    username: str | None = None
+    tls: bool = False
+
+    def __str__(self) -> str:  # never shows the password
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{format_address(self.host, self.port)}/{self.db}"
+
+
+def parse_redis_url(value: Any) -> RedisURL:
+    """``redis://:pw@10.0.0.1:6379/0``, ``rediss://user:pw@redis.example:6380/2``."""
+    from urllib.parse import unquote, urlsplit
+
+    if not isinstance(value, str) or "://" not in value:
+        raise ValueError(f"expected a URL such as 'redis://127.0.0.1:6379/0' or 'rediss://:PASSWORD@host:6380/0', "
+                         f"found {value!r}")
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"unknown scheme {parts.scheme!r} in {value!r}: expected redis:// or rediss:// (TLS)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"the Redis URL takes no ?options or #fragment: {value!r}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as e:
+        raise ValueError(f"bad port in Redis URL {value!r}: {e}") from None
+    if not host:
+        raise ValueError(f"the Redis URL {value!r} names no host")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"bad database {path!r} in Redis URL {value!r}: expected a number such as /0")
+    return RedisURL(host, port or 6379, int(path or 0), unquote(parts.password) if parts.password is not None else None,
+                    unquote(parts.username) if parts.username else None, parts.scheme == "rediss")

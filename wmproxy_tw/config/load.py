@@ -165,6 +165,9 @@ def _semantic_checks(name: str, config: Config) -> list[str]:
                 errors.append(f"{name}: {path}.limit_req: zone {node.limit_req.zone!r} is not defined in "
                               f"http.limit_req_zone (defined: {', '.join(sorted(zones)) or 'none'})")
 
+        if config.fleet is None:
+            errors += [f"{name}: http.limit_req_zone.{zname}: 'shared' needs a [fleet] section (the Redis "
+                       "that the nodes share)" for zname, z in zones.items() if z.shared]
         check_zone("http", config.http)
         groups = {u.name for u in config.http.upstream}
         for si, srv in enumerate(config.http.server):

@@ -133,14 +133,19 @@ class LimitReqZone:
     key: str
     limit: int
     rate: g.Rate
+    shared: bool = False  # decided across the fleet through Redis (needs [fleet])
 
 
 def parse_limit_req_zone(v: Any) -> LimitReqZone:
     if not isinstance(v, str):
         raise ValueError(f"expected '{{client_ip}} limit=10m rate=10r/s', found {v!r}")
-    key_parts, limit, rate = [], 10 * 1024 * 1024, None
+    key_parts, limit, rate, shared = [], 10 * 1024 * 1024, None, False
     for w in v.split():
-        if w.startswith("limit="):
+        if w in ("shared", "shared=true", "shared=false"):
+            shared = w != "shared=false"
+        elif w.startswith("shared="):
+            raise ValueError(f"bad word {w!r} in limit_req_zone {v!r}: expected 'shared', 'shared=true' or 'shared=false'")
+        elif w.startswith("limit="):
             limit = g.parse_size(w[6:])
         elif w.startswith("rate="):
             rate = g.parse_rate(w[5:])
@@ -152,10 +157,11 @@ def parse_limit_req_zone(v: Any) -> LimitReqZone:
         raise ValueError(f"limit_req_zone {v!r} has no rate=: expected e.g. 'rate=10r/s'")
     if not key_parts:
         raise ValueError(f"limit_req_zone {v!r} has no key: expected e.g. '{{client_ip}}'")
-    return LimitReqZone(" ".join(key_parts), limit, rate)
+    return LimitReqZone(" ".join(key_parts), limit, rate, shared)
 
 
-LimitReqZoneT = Annotated[LimitReqZone, PlainValidator(parse_limit_req_zone), PlainSerializer(lambda z: f"{z.key} limit={z.limit} rate={_rate_text(z.rate)}")]
+LimitReqZoneT = Annotated[LimitReqZone, PlainValidator(parse_limit_req_zone), PlainSerializer(
+    lambda z: f"{z.key} limit={z.limit} rate={_rate_text(z.rate)}{' shared' if z.shared else ''}")]
 
 
 @dataclass(frozen=True)
@@ -649,10 +655,41 @@ class Proxy(Model):
         return self.attach if self.attach is not None else min(2, len(self.server or ()))
 
 
+def _redis_url(v: Any) -> str:
+    g.parse_redis_url(v)  # validated here, parsed again where used (the text is what /now shows, redacted)
+    return str(v).strip()
+
+
 class Fleet(Model):
-    redis: str = "redis://127.0.0.1:6379/0"
-    node_id: Optional[str] = None
-    advertise: Optional[Addr] = None
+    """``[fleet]``: several instances sharing state through Redis (see docs/operations.md).
+
+    ``node_id`` must be unique in the fleet; by default it is this host's name
+    and a suffix derived from ``advertise`` (or the control address), so it is
+    stable across restarts (:func:`wmproxy_tw.fleet.feature.node_id_of`).
+    """
+
+    redis: Annotated[str, PlainValidator(_redis_url)] = "redis://127.0.0.1:6379/0"
+    password: Optional[str] = None  # instead of the URL's; wins over it
+    key_prefix: str = Field("wmproxy:", min_length=1, max_length=64)
+    node_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+    advertise: Optional[Addr] = None  # this node's inter-node address (host:port)
+    secret: Optional[str] = Field(None, min_length=16)  # inter-node authentication
+    lease: Duration = 10.0
+    fail_open: bool = True
+    tls_ca: Optional[str] = None  # CA bundle for rediss:// (default: the system's)
+
+    @field_validator("password", "secret", "tls_ca", mode="before")
+    @classmethod
+    def _empty(cls, v: Any) -> Any:
+        return _none_if_empty(v)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "Fleet":
+        if not 1.0 <= self.lease <= 3600.0:
+            raise ValueError(f"lease {self.lease:g}s out of range: expected 1s to 1h")
+        if self.tls_ca is not None and not self.redis.startswith("rediss://"):
+            raise ValueError("tls_ca is for a TLS connection: use a rediss:// URL")
+        return self
 
 
 def _workers(v: Any) -> Any:

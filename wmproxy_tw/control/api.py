@@ -4,7 +4,8 @@
 method    path        answer
 ========  ==========  =====================================================
 GET       ``/``       the dashboard page (static; its script reads /status)
-GET       ``/status`` JSON: listeners, connections, upstreams, tunnel clients
+GET       ``/status`` JSON: listeners, connections, upstreams, tunnel clients,
+                      ``fleet`` (node_id, the live nodes) with ``[fleet]``
 GET       ``/now``    JSON: the running configuration, secrets redacted
 GET       ``/metrics`` Prometheus text (404 when ``metrics = false``)
 POST      ``/reload`` 200 JSON summary, or 400 ``{"errors": [...]}``

@@ -166,7 +166,8 @@ class ReverseFeature(Feature):
         self.specs: list[ListenSpec] = []
         self.notes: list[str] = []  # warnings shown by --check and logged at start
         self.file_cache = FileCache()  # one per feature, shared by its file_server locations
-        self.zones = build_zones(http.limit_req_zone, ctx.reactor)
+        self.zones = build_zones(http.limit_req_zone, ctx.reactor,
+                                 shared=ctx.fleet.shared_zone if ctx.fleet is not None else None)
         try:
             self._build(http)
         except (AccessLogError, TLSConfigError, ValueError) as e:
