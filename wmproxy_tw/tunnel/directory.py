@@ -21,6 +21,8 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Interface, implementer
 
+from ..fleet.redis import Script
+
 __all__ = ["Claim", "ITunnelDirectory", "MemoryDirectory", "MemoryTable", "RedisDirectory", "lookup_keys"]
 
 
@@ -170,8 +172,6 @@ class RedisDirectory:
     """
 
     def __init__(self, redis: Any, key: Any, node_id: str, address: str, lease: float) -> None:
-        from ..fleet.redis import Script
-
         self.redis = redis
         self.key = key
         self.node_id = node_id

@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config.grammar import parse_address
+from ..fleet.redis import RedisUnavailable
 from ..connect import endpoint_for
 from ..relay import A, B, Splice, SpliceProtocol
 from .connection import TunnelConnection, TunnelStream
@@ -81,6 +82,9 @@ class LinkServerConnection(TunnelConnection):
         self.fleet = fleet
         self.peer_node = ""
 
+    def tunnel_made(self) -> None:
+        self.fleet.incoming.add(self)
+
     def session_event(self, event: Event) -> None:
         if isinstance(event, HelloReceived):
             self.peer_node = event.hello.client
@@ -120,8 +124,9 @@ class LinkServerConnection(TunnelConnection):
             local.attach(SpliceProtocol(splice, B))
 
     def tunnel_lost(self, reason: Failure) -> None:
-        if self.mux.is_open:
-            _log.info("fleet link from {node} closed", node=self.peer_node or self.label)
+        self.fleet.incoming.discard(self)
+        if self.heartbeat is not None:  # it had authenticated
+            _log.info("fleet link from {node} closed", node=self.peer_node)
 
 
 class LinkConnection(TunnelConnection):
@@ -245,6 +250,7 @@ class FleetTunnels:
         self.node_id = directory.node_id
         self.secret = secret.encode("utf-8", "surrogatepass")
         self.pool = LinkPool(self)
+        self.incoming: set[LinkServerConnection] = set()  # links other nodes opened to us
         self.remote: dict[tuple[str, str], RemoteRoute] = {}  # (node, mode) → route, for reuse
         self.renew_every = renew_every
         self.availability = availability  # has on_change/off_change(callback(bool)): the Redis manager
@@ -273,6 +279,8 @@ class FleetTunnels:
                 self.availability.off_change(self._availability)
         self._renewer = None
         self.pool.close_all()
+        for link in list(self.incoming):
+            link.go_away("node shutting down")
         return self._quiet(self.directory.release_all(), "release the tunnel claims")
 
     def renew(self) -> Deferred[None]:
@@ -296,8 +304,10 @@ class FleetTunnels:
             self._quiet(self.directory.release(route.mode, key), "release a tunnel route")
 
     def _quiet(self, d: Deferred[Any], what: str) -> Deferred[None]:
-        """Directory errors are logged (the store logs its own outages), never raised."""
+        """Directory errors are logged, never raised; an outage is not (Redis logs it once)."""
         def failed(failure: Failure) -> None:
+            if failure.check(RedisUnavailable):
+                return  # the claims are re-created by the renewal when Redis is back
             _log.info("fleet: cannot {what}: {why}", what=what, why=failure.getErrorMessage())
 
         return d.addErrback(failed)
@@ -312,8 +322,9 @@ class FleetTunnels:
         d.addCallback(self._pick, mode)
 
         def failed(failure: Failure) -> None:
-            _log.info("fleet: tunnel lookup for {mode} {host} failed: {why}", mode=mode,
-                      host=host or "(default)", why=failure.getErrorMessage())
+            if not failure.check(RedisUnavailable):
+                _log.info("fleet: tunnel lookup for {mode} {host} failed: {why}", mode=mode,
+                          host=host or "(default)", why=failure.getErrorMessage())
             return None
 
         d.addErrback(failed)
