@@ -664,7 +664,7 @@ class FleetHop(Scenario):
     name = "fleet_hop"
     unit = "ms"
     better = "lower"
-    title = "fleet: median latency, GET 1 KiB via node A (A→B link hop) vs via node B holding the client (wrk -c 10)"
+    title = "fleet: median latency, GET 1 KiB via node A (A→B link hop) vs via node B holding the client (wrk -c 1)"
     note = "'ours' is node A (the hop), 'holder' is node B serving its own client; same processes"
     peers = ("holder",)
 
@@ -737,7 +737,7 @@ domain = "{TUNNEL_DOMAIN}"
                 time.sleep(0.2)
 
     def measure(self, who: str, r: Running, duration: float) -> Measured:
-        rps, extras = wrk(f"http://127.0.0.1:{r.port}/1k", duration, 10, headers={"Host": TUNNEL_DOMAIN})
+        rps, extras = wrk(f"http://127.0.0.1:{r.port}/1k", duration, 1, headers={"Host": TUNNEL_DOMAIN})
         return extras["p50"] * 1000, {"rps": rps, "p99_ms": extras.get("p99", 0.0) * 1000}
 
 

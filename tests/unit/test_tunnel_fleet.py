@@ -138,3 +138,33 @@ def test_link_refuses_registrations_and_resets_unserved_services() -> None:
     resets = [f for f in out if isinstance(f, Reset)]
     assert [r.code for r in resets] == [ResetCode.UNKNOWN_MAPPING] * 2
     assert not transport.disconnecting
+
+
+def test_a_found_holder_is_remembered_for_the_cache_ttl_only() -> None:
+    """Two requests within cache_ttl: one directory lookup; after it, or when no holder is reachable, ask again."""
+    from twisted.internet.defer import fail, succeed
+
+    clock = Clock()
+    a, b = nodes(clock, "a", "b")
+    result(b.claim("http", "w.test"))
+    asked: list[str] = []
+    lookup = a.lookup
+    a.lookup = lambda mode, keys: (asked.append(keys[0]), lookup(mode, keys))[1]  # type: ignore[method-assign]
+    fleet = FleetTunnels(_Server(clock), a, "s" * 20, cache_ttl=1.0)  # type: ignore[arg-type]
+
+    class Link:
+        claim = Claim("b", "127.0.0.1:9001")
+        mux = type("M", (), {"is_open": True})()
+
+    link = Link()
+    fleet.pool.get = lambda claim: succeed(link)  # type: ignore[method-assign, assignment]
+    first, second = result(fleet.find("http", "w.test")), result(fleet.find("http", "w.test"))
+    assert first is second and first.owner == "fleet node 'b'"  # one RemoteRoute per (node, mode)
+    assert asked == ["w.test"]
+    clock.advance(1.5)
+    result(fleet.find("http", "w.test"))
+    assert asked == ["w.test", "w.test"]
+    fleet.pool.get = lambda claim: fail(ConnectionError("refused"))  # type: ignore[method-assign, assignment]
+    assert result(fleet.find("http", "w.test")) is None
+    assert result(fleet.find("http", "w.test")) is None
+    assert len(asked) == 3  # the unreachable answer was forgotten at once

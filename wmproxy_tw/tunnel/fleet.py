@@ -25,6 +25,7 @@ renews them, and finds a live holder node for a request no local client serves.
 from __future__ import annotations
 
 import hmac
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -61,6 +62,9 @@ SERVICES = {"http": "@fleet-http", "https": "@fleet-https", "tcp": "@fleet-tcp",
             "proxy": "@fleet-proxy"}
 """The stream service names of the inter-node link, per public mode."""
 _MODES = {name: mode for mode, name in SERVICES.items()}
+LOOKUP_CACHE_TTL = 1.0
+"""Seconds a node reuses a directory answer (a holder found) before asking Redis again."""
+LOOKUP_CACHE_SIZE = 4096
 
 
 def route_keys(route: Route) -> list[str]:
@@ -70,6 +74,13 @@ def route_keys(route: Route) -> list[str]:
     if route.remote_port is None:
         return [""]
     return []
+
+
+def _no_delay(transport: Any) -> None:
+    """Small request/response frames leave at once on a link (no Nagle wait for an ACK)."""
+    set_no_delay = getattr(getattr(transport, "transport", transport), "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
 
 
 class LinkServerConnection(TunnelConnection):
@@ -84,6 +95,7 @@ class LinkServerConnection(TunnelConnection):
 
     def tunnel_made(self) -> None:
         self.fleet.incoming.add(self)
+        _no_delay(self.transport)
 
     def session_event(self, event: Event) -> None:
         if isinstance(event, HelloReceived):
@@ -154,6 +166,7 @@ class LinkConnection(TunnelConnection):
             d.errback(failure)
 
     def tunnel_made(self) -> None:
+        _no_delay(self.transport)
         fleet = self.pool.fleet
         self._send(self.mux.hello(client=fleet.node_id[:64],  # HELLO allows 64 characters
                                   token=fleet.secret.decode("utf-8", "surrogatepass")))
@@ -244,7 +257,8 @@ class FleetTunnels:
     """A tunnel server's part of the fleet: claims, renewals, and carrying requests to holders."""
 
     def __init__(self, server: TunnelServer, directory: ITunnelDirectory, secret: str,
-                 renew_every: float | None = None, availability: Any = None) -> None:
+                 renew_every: float | None = None, availability: Any = None,
+                 cache_ttl: float = LOOKUP_CACHE_TTL) -> None:
         self.server = server
         self.directory = directory
         self.node_id = directory.node_id
@@ -253,6 +267,8 @@ class FleetTunnels:
         self.incoming: set[LinkServerConnection] = set()  # links other nodes opened to us
         self.remote: dict[tuple[str, str], RemoteRoute] = {}  # (node, mode) → route, for reuse
         self.renew_every = renew_every
+        self.cache_ttl = cache_ttl
+        self._cache: OrderedDict[tuple[str, str | None], tuple[float, list[Claim]]] = OrderedDict()
         self.availability = availability  # has on_change/off_change(callback(bool)): the Redis manager
         self._renewer: LoopingCall | None = None
 
@@ -317,9 +333,15 @@ class FleetTunnels:
     def find(self, mode: str, host: str | None) -> Deferred[Any]:
         """Fires with a :class:`RemoteRoute` to a live node that holds ``host`` (or the mode's
         default), or with None."""
-        keys = lookup_keys(host) if host is not None else [""]
-        d: Deferred[Any] = self.directory.lookup(mode, keys)
-        d.addCallback(self._pick, mode)
+        now = self.server.reactor.seconds()
+        cached = self._cache.get((mode, host))
+        if cached is not None and cached[0] > now:
+            d: Deferred[Any] = succeed(cached[1])
+        else:
+            keys = lookup_keys(host) if host is not None else [""]
+            d = self.directory.lookup(mode, keys)
+            d.addCallback(self._remember, mode, host, now)
+        d.addCallback(self._pick, mode, host)
 
         def failed(failure: Failure) -> None:
             if not failure.check(RedisUnavailable):
@@ -330,11 +352,27 @@ class FleetTunnels:
         d.addErrback(failed)
         return d
 
-    def _pick(self, claims: list[Claim], mode: str) -> Deferred[Any]:
+    def _remember(self, claims: list[Claim], mode: str, host: str | None, now: float) -> list[Claim]:
+        """Keep a positive answer for ``cache_ttl`` (bounded LRU): no Redis trip per request."""
+        if claims and self.cache_ttl > 0:
+            self._cache[(mode, host)] = (now + self.cache_ttl, claims)
+            self._cache.move_to_end((mode, host))
+            while len(self._cache) > LOOKUP_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return claims
+
+    def _pick(self, claims: list[Claim], mode: str, host: str | None) -> Deferred[Any]:
         others = [c for c in claims if c.node != self.node_id]
         # a node we already hold a link to first, then the others in order
         others.sort(key=lambda c: (c.node not in self.pool.links, c.node))
-        return self._try(others, mode)
+        d = self._try(others, mode)
+
+        def forget_if_none(route: RemoteRoute | None) -> RemoteRoute | None:
+            if route is None:
+                self._cache.pop((mode, host), None)  # no holder reachable: ask the directory next time
+            return route
+
+        return d.addCallback(forget_if_none)
 
     def _try(self, claims: list[Claim], mode: str) -> Deferred[Any]:
         if not claims:
