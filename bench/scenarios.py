@@ -576,6 +576,35 @@ proxy_url = "ws://127.0.0.1:{ws_port}/"
 TUNNEL_DOMAIN = "bench.localhost"
 
 
+def _serving_domain(port: int, seconds: float = 20.0) -> None:
+    """Wait until 127.0.0.1:port answers 200 for the tunnel domain (the client has registered)."""
+    import http.client
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/1k", headers={"Host": TUNNEL_DOMAIN})
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"port {port} did not serve the tunnel domain within {seconds:.0f}s")
+        time.sleep(0.2)
+
+
+def _web_mapping(ctx: Ctx) -> str:
+    """The tunnel client's http mapping of the origin, on TUNNEL_DOMAIN."""
+    return f"""
+[[proxy.mappings]]
+name = "web"
+mode = "http"
+local_addr = "127.0.0.1:{ctx.origin_port}"
+domain = "{TUNNEL_DOMAIN}"
+"""
+
+
 class Tunnel(Scenario):
     peers = ("direct",)
 
@@ -594,13 +623,7 @@ mode = "client"
 server = "127.0.0.1:{center}"
 username = "bench"
 password = "bench"
-
-[[proxy.mappings]]
-name = "web"
-mode = "http"
-local_addr = "127.0.0.1:{self.ctx.origin_port}"
-domain = "{TUNNEL_DOMAIN}"
-
+{_web_mapping(self.ctx)}
 [[proxy.mappings]]
 name = "tcp"
 mode = "tcp"
@@ -610,20 +633,7 @@ local_addr = "127.0.0.1:{self.ctx.iperf_port}"
 
     def ready(self, procs: list[Proc]) -> None:
         """The client has registered its mappings once the public HTTP port answers for its domain."""
-        import http.client
-
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.p("ours-http"), timeout=2)
-                c.request("GET", "/1k", headers={"Host": TUNNEL_DOMAIN})
-                if c.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("tunnel client did not register its mappings within 20s")
-            time.sleep(0.2)
+        _serving_domain(self.p("ours-http"))
 
     def start_peer(self, who: str) -> Running:
         return Running([], 0)
@@ -690,13 +700,7 @@ map_http_bind = "127.0.0.1:{http}"
 server = "127.0.0.1:{b[1]}"
 username = "bench"
 password = "bench"
-
-[[proxy.mappings]]
-name = "web"
-mode = "http"
-local_addr = "127.0.0.1:{self.ctx.origin_port}"
-domain = "{TUNNEL_DOMAIN}"
-"""
+{_web_mapping(self.ctx)}"""
         return {"ours-fleet-a": (self._node("a", *a), a), "ours-fleet-b": (self._node("b", *b), b),
                 "ours-fleet-client": (client, ())}
 
@@ -720,21 +724,8 @@ domain = "{TUNNEL_DOMAIN}"
 
     def ready(self, procs: list[Proc]) -> None:
         """Both nodes answer for the client's domain (B directly, A through the directory)."""
-        import http.client
-
-        deadline = time.monotonic() + 20
-        for port in (self.p("b-http"), self.p("a-http")):
-            while True:
-                try:
-                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                    c.request("GET", "/1k", headers={"Host": TUNNEL_DOMAIN})
-                    if c.getresponse().status == 200:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"port {port} did not serve the tunnel domain within 20s")
-                time.sleep(0.2)
+        _serving_domain(self.p("b-http"))
+        _serving_domain(self.p("a-http"))
 
     def measure(self, who: str, r: Running, duration: float) -> Measured:
         rps, extras = wrk(f"http://127.0.0.1:{r.port}/1k", duration, 1, headers={"Host": TUNNEL_DOMAIN})
