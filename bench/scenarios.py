@@ -707,10 +707,7 @@ password = "bench"
     def start(self, who: str) -> Running:
         if who != "ours":
             return Running([], self.p("b-http"))  # node B of ours' processes
-        port = self.p("redis")
-        redis = Proc("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"], self.ctx.dir("redis"), (port,))
-        redis.start()
+        redis = _redis_server(self.ctx, self.p("redis"))
         try:
             running = super().start("ours")
         except BaseException:
@@ -730,6 +727,82 @@ password = "bench"
     def measure(self, who: str, r: Running, duration: float) -> Measured:
         rps, extras = wrk(f"http://127.0.0.1:{r.port}/1k", duration, 1, headers={"Host": TUNNEL_DOMAIN})
         return extras["p50"] * 1000, {"rps": rps, "p99_ms": extras.get("p99", 0.0) * 1000}
+# ..................................................... fleet: shared limit_req (issue 10)
+
+
+def _redis_server(ctx: Ctx, port: int) -> Proc:
+    """A started redis-server of our own on 127.0.0.1:port, without persistence."""
+    d = ctx.dir("redis-server")
+    p = Proc("redis-server", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(d)], d, (port,))
+    p.start(timeout=10)
+    return p
+
+
+def _limit_body(port: int, redis_port: int, shared: bool) -> str:
+    # a rate nobody reaches: every request is checked and passes (the cost of the check, not of 503s)
+    return f"""[fleet]
+redis = "redis://127.0.0.1:{redis_port}/0"
+node_id = "bench-{port}"
+key_prefix = "bench:"
+
+[http]
+[http.limit_req_zone]
+z = "{{client_ip}} rate=1000000r/s{' shared' if shared else ''}"
+
+[[http.server]]
+bind_addr = "127.0.0.1:{port}"
+limit_req = "zone=z burst=1000000 nodelay"
+
+[[http.server.location]]
+rule = "/"
+static_response = "ok\\n"
+"""
+
+
+class LimitReqShared(Scenario):
+    """Median latency of a request through a ``shared`` limit_req zone (one EVALSHA to a local
+    redis-server per request) against the same node with a local zone and without limit_req."""
+
+    unit = "ms p50"
+    better = "lower"
+    peers = ("local", "none")
+    note = "all three are ours with [fleet]; ratios shared/local and shared/none give the added latency"
+
+    def __init__(self, ctx: Ctx, connections: int) -> None:
+        super().__init__(ctx)
+        self.connections = connections
+        self.name = f"limit_req_shared_c{connections}"
+        self.title = (f"limit_req shared (Redis, one EVALSHA per request) vs local zone vs none: "
+                      f"median latency (wrk -c {connections})")
+
+    def start(self, who: str) -> Running:
+        if who != "ours":
+            return self.start_peer(who)
+        redis = self._redis()
+        try:
+            r = super().start("ours")
+        except BaseException:
+            redis.stop()
+            raise
+        r.procs.append(redis)
+        return r
+
+    def _redis(self) -> Proc:
+        return _redis_server(self.ctx, self.p("redis"))
+
+    def ours_configs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return self.one(_limit_body(self.p("ours"), self.p("redis"), shared=True))
+
+    def start_peer(self, who: str) -> Running:
+        body = _limit_body(self.p(who), self.p("redis"), shared=False)
+        if who == "none":
+            body = body.replace('limit_req = "zone=z burst=1000000 nodelay"\n', "")
+        return Running([peers.ours(self.ctx, f"ours-{who}", body, (self.p(who),))], self.p(who))
+
+    def measure(self, who: str, r: Running, duration: float) -> Measured:
+        _rps, extras = wrk(f"http://127.0.0.1:{r.port}/", duration, self.connections)
+        return extras["p50"] * 1000, dict(extras, rps=_rps)
 
 
 # ------------------------------------------------------------------ table
@@ -741,7 +814,7 @@ FACTORIES: list[Callable[[Ctx], Scenario]] = [
     lambda c: TcpRelay(c, 1), lambda c: TcpRelay(c, 8), UdpRelay,
     WsChain, TunnelHttp, TunnelTcp, FleetHop,
     IdleHttp, IdleTcpRelay, IdleConnect,
-    TlsHandshake,
+    TlsHandshake, lambda c: LimitReqShared(c, 1), lambda c: LimitReqShared(c, 10),
 ]
 
 

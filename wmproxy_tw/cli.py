@@ -239,6 +239,12 @@ def format_status(doc: dict[str, Any]) -> str:
     lines.append("tunnel clients:" + ("" if clients else " none"))
     for c in clients:
         lines.append(f"  {c.get('name') or c.get('addr')}")
+    fleet = doc.get("fleet")
+    if fleet:
+        nodes = fleet.get("nodes") or []
+        lines.append(f"fleet: node {fleet.get('node_id')}, Redis {fleet.get('redis')} "
+                     f"{'available' if fleet.get('available') else 'UNAVAILABLE'}, {len(nodes)} live node(s): "
+                     + (", ".join(f"{n.get('node_id')} ({n.get('advertise') or '-'})" for n in nodes) or "none"))
     for w in doc.get("workers", []) or []:
         lines.append(f"worker {w['index']}: pid {w['pid']} {w['state']}, up {_duration(w['uptime'])}, "
                      f"open {w['open']}, accepted {w['accepted']}, restarts {w['restarts']}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from typing import Any
 
 import pytest
@@ -17,6 +19,38 @@ pytestmark = pytest.mark.integration
 INCR = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 
 
+async def heard(r: RedisManager, channel: str, got: list[str]) -> None:
+    """Publish on ``channel`` until a subscriber is there; its callback filled ``got``."""
+    before = len(got)
+    for _ in range(100):
+        if await r.publish(channel, "hello"):
+            break
+        await deferLater(0.05)
+    await until(lambda: len(got) > before and got[-1] == "hello")
+
+
+async def one_command(url: str, *command: Any) -> Any:
+    """One command on a connection of its own."""
+    r = RedisManager(reactor, url)
+    r.start()
+    try:
+        await r.when_available(5)
+        return await r.execute(*command)
+    finally:
+        await r.stop()
+
+
+async def never_available(url: str, **kw: Any) -> None:
+    """A manager for ``url`` never becomes available (retrying meanwhile)."""
+    bad = RedisManager(reactor, url, max_delay=0.05, **kw)
+    bad.start()
+    try:
+        with pytest.raises(RedisUnavailable):
+            await bad.when_available(0.5)
+    finally:
+        await bad.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_commands_scripts_and_noscript_fallback(redis_server: Any) -> None:
     """Commands run; a script runs by EVALSHA and again after SCRIPT FLUSH (NOSCRIPT → EVAL)."""
@@ -29,6 +63,8 @@ async def test_commands_scripts_and_noscript_fallback(redis_server: Any) -> None
         await r.execute("SCRIPT", "FLUSH")
         assert await r.run(INCR, ["n"], [3]) == 5
         assert await r.execute("SCRIPT", "EXISTS", INCR.sha) == [1]  # cached again by EVAL
+        sock = r._commands.proto.transport.getHandle()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # no Nagle delay on commands
     finally:
         await r.stop()
     with pytest.raises(RedisUnavailable):
@@ -70,13 +106,7 @@ async def test_outage_and_recovery(redis_server: Any, fleet_log: list[str]) -> N
         await redis_server.start()
         await r.when_available(5)
         assert await r.execute("SCRIPT", "EXISTS", INCR.sha) == [1]
-        # the subscriber connection came back too and re-subscribed
-        await until(lambda: r._subscriber.proto is not None)
-        for _ in range(50):
-            if await r.publish("ch", "hello"):
-                break
-            await deferLater(0.05)
-        await until(lambda: got == ["hello"])
+        await heard(r, "ch", got)  # the subscriber connection came back too and re-subscribed
     finally:
         await r.stop()
     assert changes == [True, False, True]
@@ -101,11 +131,7 @@ async def test_password_and_db_from_the_url(tmp_path: Any) -> None:
         await good.execute("SELECT", "0")
         assert await good.execute("DBSIZE") == 0
         await good.stop()
-        bad = RedisManager(reactor, f"redis://:wrong@127.0.0.1:{server.port}/0", max_delay=0.05)
-        bad.start()
-        with pytest.raises(RedisUnavailable):
-            await bad.when_available(0.5)
-        await bad.stop()
+        await never_available(f"redis://:wrong@127.0.0.1:{server.port}/0")
     finally:
         await server.stop()
 
@@ -145,8 +171,19 @@ async def test_node_records_status_and_expiry(redis_server: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_duplicate_node_id_is_logged(redis_server: Any, fleet_log: list[str]) -> None:
-    """Two processes with one node_id: a warning says node ids must be unique (once)."""
+    """Two processes with one node_id: a warning says node ids must be unique (once); a restart
+    (the previous process's record still there) is not one."""
     a = await start_proxy(_fleet_conf(redis_server.url, "n1"))
+    fa = next(f for f in a.features if f.name == "fleet")
+    await until(lambda: fa.fleet_nodes != [])
+    fa.leave = lambda: None  # type: ignore[method-assign]  # gone without a goodbye: the record stays
+    await a.stopService()
+    assert await one_command(redis_server.url, "GET", "t:node:n1")
+    a = await start_proxy(_fleet_conf(redis_server.url, "n1"))
+    fa = next(f for f in a.features if f.name == "fleet")
+    await until(lambda: fa._wrote)
+    await deferLater(0.5)
+    assert not any("also used" in x for x in fleet_log)
     b = await start_proxy(_fleet_conf(redis_server.url, "n1"))
     try:
         await until(lambda: any("also used by another process" in x for x in fleet_log), 5)
@@ -203,11 +240,16 @@ async def test_failed_reload_leaves_the_fleet_alone(redis_server: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_hanging_redis_is_an_outage(redis_server: Any, fleet_log: list[str]) -> None:
-    """Redis frozen (SIGSTOP): the reply deadline fails the command and starts an outage; SIGCONT: back."""
+    """Redis frozen (SIGSTOP): the reply deadline fails the command and starts an outage; SIGCONT: both
+    connections back (the subscriber one, which could not notice, is opened again too)."""
     r = RedisManager(reactor, redis_server.url, reply_timeout=0.3, connect_timeout=0.3, max_delay=0.1)
+    got: list[str] = []
+    r.subscribe("ch", lambda _c, m: got.append(m))
     r.start()
     try:
         await r.when_available(5)
+        await heard(r, "ch", got)
+        first = r._subscriber.proto
         redis_server.proc.signal("STOP")
         with pytest.raises(RedisUnavailable):
             await r.execute("PING")
@@ -215,6 +257,8 @@ async def test_a_hanging_redis_is_an_outage(redis_server: Any, fleet_log: list[s
         redis_server.proc.signal("CONT")
         await r.when_available(5)
         assert await r.execute("PING") == "PONG"
+        await heard(r, "ch", got)
+        assert r._subscriber.proto is not first  # opened again with the command connection
     finally:
         redis_server.proc.signal("CONT")
         await r.stop()
@@ -228,10 +272,9 @@ async def test_rediss_verified_with_tls_ca(tmp_path: Any) -> None:
     from ..tlsutil import make_cert
 
     cert, key = make_cert(tmp_path, "localhost")
-    server = RedisServer(tmp_path)
     tls_port = free_port()
-    server.extra = ["--tls-port", str(tls_port), "--tls-cert-file", cert, "--tls-key-file", key,
-                    "--tls-ca-cert-file", cert, "--tls-auth-clients", "no"]
+    server = RedisServer(tmp_path, "--tls-port", str(tls_port), "--tls-cert-file", cert, "--tls-key-file", key,
+                         "--tls-ca-cert-file", cert, "--tls-auth-clients", "no")
     await server.start()
     try:
         good = RedisManager(reactor, f"rediss://localhost:{tls_port}/0", tls_ca=cert)
@@ -241,10 +284,6 @@ async def test_rediss_verified_with_tls_ca(tmp_path: Any) -> None:
         await good.stop()
         (tmp_path / "other").mkdir()
         other, _ = make_cert(tmp_path / "other", "localhost")
-        bad = RedisManager(reactor, f"rediss://localhost:{tls_port}/0", tls_ca=other, max_delay=0.05)
-        bad.start()
-        with pytest.raises(RedisUnavailable):
-            await bad.when_available(0.5)
-        await bad.stop()
+        await never_available(f"rediss://localhost:{tls_port}/0", tls_ca=other)
     finally:
         await server.stop()

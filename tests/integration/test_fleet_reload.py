@@ -10,7 +10,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from wmproxy_tw.config import load_config
+from wmproxy_tw.cli import main
+from wmproxy_tw.config import load_config, load_text
+from wmproxy_tw.fleet.reload import fleet_reload
 from wmproxy_tw.fleet.nodes import HEARTBEAT
 from wmproxy_tw.service import ProxyService
 
@@ -59,12 +61,10 @@ async def test_fleet_reload_reaches_every_node_and_reports_a_broken_file(redis_s
     try:
         await until(lambda: all(len(f.fleet_nodes) == 3 for f in fleets))
         await until(lambda: all(f.redis._subscriber.proto is not None for f in fleets))
-        # all good: exit 0, one line per node
+        # all good (what the CLI runs, in this process): one line per node
         paths[0].write_text(_conf(redis_server.url, "n1", "hi"))
-        out, err, code = await _reload_fleet(paths[0])
-        assert code == 0, (out, err)
-        lines = out.splitlines()
-        assert [line.split()[:2] for line in lines] == [["n1", "ok"], ["n2", "ok"], ["n3", "ok"]], out
+        lines, ok = await fleet_reload(reactor, load_config(str(paths[0])).config, 5.0)
+        assert ok is True and [line.split()[:2] for line in lines] == [["n1", "ok"], ["n2", "ok"], ["n3", "ok"]]
         assert [svc.reloads for svc in nodes] == [1, 1, 1]
         assert "hi from n1" in nodes[0].config.model_dump_json()
         # n3's file is broken, and a registered node "ghost" never answers
@@ -87,17 +87,15 @@ async def test_fleet_reload_reaches_every_node_and_reports_a_broken_file(redis_s
 
 
 @pytest_twisted.ensureDeferred
-async def test_fleet_reload_needs_fleet_and_redis(redis_server: Any, tmp_path: Path) -> None:
-    """Without [fleet], without Redis, or with no live node: a one-line reason on stderr, exit 1."""
+async def test_fleet_reload_needs_fleet_and_redis(redis_server: Any, tmp_path: Path, capsys: Any) -> None:
+    """Without -c or [fleet] (CLI), without Redis, or with no live node: a reason, nobody asked, exit 1."""
     plain = tmp_path / "plain.toml"
     plain.write_text('[proxy]\nbind = "127.0.0.1:0"\n')
-    _out, err, code = await _reload_fleet(plain)
-    assert code == 1 and "has no [fleet] section" in err
-    empty = tmp_path / "empty.toml"
-    empty.write_text(_conf(redis_server.url, "n1"))
-    _out, err, code = await _reload_fleet(empty)
-    assert code == 1 and "no live node is registered" in err, err
+    assert main(["reload", "--fleet"]) == 1 and "needs -c FILE" in capsys.readouterr().err
+    assert main(["reload", "--fleet", "-c", str(plain)]) == 1 and "has no [fleet] section" in capsys.readouterr().err
+    config = load_text(_conf(redis_server.url, "n1"), "n1.toml").config
+    lines, why = await fleet_reload(reactor, config, 1.0)
+    assert lines == [] and "no live node is registered" in why
     await redis_server.stop()
-    _out, err, code = await _reload_fleet(empty, timeout=1.0)
-    assert code == 1 and "cannot reach the fleet's Redis" in err, err
-    assert len(err.strip().splitlines()) == 1
+    lines, why = await fleet_reload(reactor, config, 1.0)
+    assert lines == [] and why.startswith("cannot reach the fleet's Redis: Redis at redis://127.0.0.1:")

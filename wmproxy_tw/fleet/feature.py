@@ -89,6 +89,7 @@ class FleetFeature(Feature):
         self.fleet_nodes: list[dict[str, Any]] = []  # as of the last heartbeat
         self._beat: Optional[LoopingCall] = None
         self._warned_duplicate = False
+        self._wrote = False  # this feature's record is in Redis (a heartbeat succeeded)
 
     # -- keys ---------------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -169,7 +170,10 @@ class FleetFeature(Feature):
         return d
 
     def _check_duplicate(self, old: Any) -> None:
-        if not old or self._warned_duplicate:
+        # Someone else's record where we wrote ours a beat ago: a live process with our id.
+        # (On our first beat it may be the record of this node's previous, dead process.)
+        wrote, self._wrote = self._wrote, True
+        if not old or not wrote or self._warned_duplicate:
             return
         try:
             other = json.loads(old)

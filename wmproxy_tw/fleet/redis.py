@@ -98,7 +98,19 @@ class _Hooks:
 
 
 class _CommandProtocol(_Hooks, txredisapi.RedisProtocol):  # type: ignore[misc, valid-type]
-    pass
+    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+        """RESP in one join (txredisapi's builds it piece by piece: about a third of the
+        client-side cost of a shared limit_req check in a profile).  Same bytes."""
+        parts = [b"*%d\r\n" % len(args)]
+        for a in args:
+            if isinstance(a, str):
+                b = a.encode()
+            elif isinstance(a, (bytes, bytearray, memoryview)):
+                b = bytes(a)
+            else:  # numbers
+                b = (format(a, "f") if isinstance(a, float) else str(a)).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return b"".join(parts)
 
 
 class _SubscriberProtocol(_Hooks, txredisapi.SubscriberProtocol):  # type: ignore[misc, valid-type]
@@ -165,6 +177,7 @@ class _Link:
     def _connected(self, proto: Any) -> Any:
         self._connecting = None
         self._pending = proto
+        _no_delay(proto.transport)
         # whenConnected fires after AUTH/SELECT; a failure there closes the connection (→ lost)
         return proto.whenConnected().addCallback(self._ready)
 
@@ -201,6 +214,11 @@ class _Link:
             delay = self._delay * (0.5 + random.random() / 2)  # noqa: S311 (jitter, not security)
             self._delay = min(self._delay * 2, self.manager.max_delay)
             self._timer = self.manager.reactor.callLater(delay, self._connect)
+
+    def reset(self) -> None:
+        """Drop the connection (if any); it is opened again as after a loss."""
+        if self.proto is not None and self.proto.transport is not None:
+            self.proto.transport.abortConnection()
 
     def stop(self) -> defer.Deferred[None]:
         """Close without re-connecting; fires when the connection is gone."""
@@ -274,7 +292,7 @@ class RedisManager:
                                   consumeErrors=True).addCallback(lambda _: None)
 
     def _endpoint(self) -> Any:
-        ep = HostnameEndpoint(self.reactor, self.url.host, self.url.port, timeout=self.connect_timeout)
+        ep: Any = HostnameEndpoint(self.reactor, self.url.host, self.url.port, timeout=self.connect_timeout)
         if self.url.tls:
             from ..tls import client_creator
 
@@ -339,6 +357,9 @@ class RedisManager:
             _log.warn("fleet: Redis at {url} unavailable ({reason}); retrying in the background, "  # noqa: G010
                       "nodes decide locally meanwhile", url=str(self.url), reason=reason)
         if was:
+            # the subscriber connection may be as dead as this one without noticing (it only
+            # reads): open it again along with the command connection
+            self._subscriber.reset()
             self._notify(False)
 
     def _notify(self, available: bool) -> None:
@@ -433,6 +454,13 @@ class RedisManager:
                 cb(channel, message)
             except Exception:
                 _log.failure("fleet: subscriber of {channel} failed", channel=channel)
+
+
+def _no_delay(transport: Any) -> None:
+    """TCP_NODELAY (as Redis clients do): a command waiting for Nagle is latency added to a request."""
+    tcp = transport if hasattr(transport, "setTcpNoDelay") else getattr(transport, "transport", None)  # TLS: below
+    if tcp is not None and hasattr(tcp, "setTcpNoDelay"):
+        tcp.setTcpNoDelay(True)
 
 
 def _unavailable(f: Failure, url: RedisURL) -> Failure:
