@@ -576,6 +576,35 @@ proxy_url = "ws://127.0.0.1:{ws_port}/"
 TUNNEL_DOMAIN = "bench.localhost"
 
 
+def _serving_domain(port: int, seconds: float = 20.0) -> None:
+    """Wait until 127.0.0.1:port answers 200 for the tunnel domain (the client has registered)."""
+    import http.client
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/1k", headers={"Host": TUNNEL_DOMAIN})
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"port {port} did not serve the tunnel domain within {seconds:.0f}s")
+        time.sleep(0.2)
+
+
+def _web_mapping(ctx: Ctx) -> str:
+    """The tunnel client's http mapping of the origin, on TUNNEL_DOMAIN."""
+    return f"""
+[[proxy.mappings]]
+name = "web"
+mode = "http"
+local_addr = "127.0.0.1:{ctx.origin_port}"
+domain = "{TUNNEL_DOMAIN}"
+"""
+
+
 class Tunnel(Scenario):
     peers = ("direct",)
 
@@ -594,13 +623,7 @@ mode = "client"
 server = "127.0.0.1:{center}"
 username = "bench"
 password = "bench"
-
-[[proxy.mappings]]
-name = "web"
-mode = "http"
-local_addr = "127.0.0.1:{self.ctx.origin_port}"
-domain = "{TUNNEL_DOMAIN}"
-
+{_web_mapping(self.ctx)}
 [[proxy.mappings]]
 name = "tcp"
 mode = "tcp"
@@ -610,20 +633,7 @@ local_addr = "127.0.0.1:{self.ctx.iperf_port}"
 
     def ready(self, procs: list[Proc]) -> None:
         """The client has registered its mappings once the public HTTP port answers for its domain."""
-        import http.client
-
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.p("ours-http"), timeout=2)
-                c.request("GET", "/1k", headers={"Host": TUNNEL_DOMAIN})
-                if c.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("tunnel client did not register its mappings within 20s")
-            time.sleep(0.2)
+        _serving_domain(self.p("ours-http"))
 
     def start_peer(self, who: str) -> Running:
         return Running([], 0)
@@ -653,7 +663,80 @@ class TunnelTcp(Tunnel):
         return iperf(r.port or self.ctx.iperf_port, duration, 1)
 
 
+# ............................................................ fleet tunnel (issue 10)
+
+FLEET_SECRET = "bench-fleet-secret-0123456789"
+
+
+class FleetHop(Scenario):
+    """Two fleet nodes and a Redis; the client is attached to B: requests via A take the A→B hop."""
+
+    name = "fleet_hop"
+    unit = "ms"
+    better = "lower"
+    title = "fleet: median latency, GET 1 KiB via node A (A→B link hop) vs via node B holding the client (wrk -c 1)"
+    note = "'ours' is node A (the hop), 'holder' is node B serving its own client; same processes"
+    peers = ("holder",)
+
+    def _node(self, name: str, http: int, center: int, link: int) -> str:
+        return f"""[fleet]
+redis = "redis://127.0.0.1:{self.p("redis")}/0"
+node_id = "{name}"
+advertise = "127.0.0.1:{link}"
+secret = "{FLEET_SECRET}"
+lease = "3s"
+
+[proxy]
+center_addr = "127.0.0.1:{center}"
+username = "bench"
+password = "bench"
+map_http_bind = "127.0.0.1:{http}"
+"""
+
+    def ours_configs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        a = (self.p("a-http"), self.p("a-center"), self.p("a-link"))
+        b = (self.p("b-http"), self.p("b-center"), self.p("b-link"))
+        client = f"""[proxy]
+server = "127.0.0.1:{b[1]}"
+username = "bench"
+password = "bench"
+{_web_mapping(self.ctx)}"""
+        return {"ours-fleet-a": (self._node("a", *a), a), "ours-fleet-b": (self._node("b", *b), b),
+                "ours-fleet-client": (client, ())}
+
+    def start(self, who: str) -> Running:
+        if who != "ours":
+            return Running([], self.p("b-http"))  # node B of ours' processes
+        redis = _redis_server(self.ctx, self.p("redis"))
+        try:
+            running = super().start("ours")
+        except BaseException:
+            redis.stop()
+            raise
+        running.procs.append(redis)
+        return running
+
+    def ours_port(self) -> int:
+        return self.p("a-http")
+
+    def ready(self, procs: list[Proc]) -> None:
+        """Both nodes answer for the client's domain (B directly, A through the directory)."""
+        _serving_domain(self.p("b-http"))
+        _serving_domain(self.p("a-http"))
+
+    def measure(self, who: str, r: Running, duration: float) -> Measured:
+        rps, extras = wrk(f"http://127.0.0.1:{r.port}/1k", duration, 1, headers={"Host": TUNNEL_DOMAIN})
+        return extras["p50"] * 1000, {"rps": rps, "p99_ms": extras.get("p99", 0.0) * 1000}
 # ..................................................... fleet: shared limit_req (issue 10)
+
+
+def _redis_server(ctx: Ctx, port: int) -> Proc:
+    """A started redis-server of our own on 127.0.0.1:port, without persistence."""
+    d = ctx.dir("redis-server")
+    p = Proc("redis-server", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(d)], d, (port,))
+    p.start(timeout=10)
+    return p
 
 
 def _limit_body(port: int, redis_port: int, shared: bool) -> str:
@@ -706,12 +789,7 @@ class LimitReqShared(Scenario):
         return r
 
     def _redis(self) -> Proc:
-        d = self.ctx.dir("redis-server")
-        port = self.p("redis")
-        p = Proc("redis-server", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", str(d)], d, (port,))
-        p.start(timeout=10)
-        return p
+        return _redis_server(self.ctx, self.p("redis"))
 
     def ours_configs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         return self.one(_limit_body(self.p("ours"), self.p("redis"), shared=True))
@@ -734,7 +812,7 @@ FACTORIES: list[Callable[[Ctx], Scenario]] = [
     lambda c: Reverse(c, 50), lambda c: Reverse(c, 500),
     lambda c: Static(c, "/1k"), lambda c: Static(c, "/1m"),
     lambda c: TcpRelay(c, 1), lambda c: TcpRelay(c, 8), UdpRelay,
-    WsChain, TunnelHttp, TunnelTcp,
+    WsChain, TunnelHttp, TunnelTcp, FleetHop,
     IdleHttp, IdleTcpRelay, IdleConnect,
     TlsHandshake, lambda c: LimitReqShared(c, 1), lambda c: LimitReqShared(c, 10),
 ]

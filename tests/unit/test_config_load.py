@@ -81,7 +81,7 @@ def test_client_toml_meaning(examples: Path) -> None:
     p = c.proxy
     assert p is not None
     assert p.bind == (Address("0.0.0.0", 8090),)
-    assert p.server == Address("127.0.0.1", 8091)
+    assert p.server == (Address("127.0.0.1", 8091),) and p.attach_count == 1
     assert p.ts and p.two_way_tls and not p.tc
     assert (p.username, p.password) == ("wmproxy", "wmproxy")
     assert p.flag == ALL_THREE

@@ -70,7 +70,7 @@ Flag = Annotated[frozenset[str], PlainValidator(g.parse_flag), PlainSerializer(l
 
 
 def _none_if_empty(v: Any) -> Any:
-    return None if v == "" else v
+    return None if v == "" or v == [] else v
 
 
 def _url(v: Any) -> str | None:
@@ -580,7 +580,8 @@ class Proxy(Model):
     password: Optional[str] = None
     mode: Optional[Literal["server", "client"]] = None
     center_addr: Optional[AddrList] = None
-    server: Optional[Addr] = None
+    server: Optional[AddrList] = None  # tunnel client: one "host:port" or a list (failover)
+    attach: Optional[int] = Field(None, ge=1, le=16)  # tunnel client: servers held at once (min(2, listed))
     ts: bool = False
     tc: bool = False
     two_way_tls: bool = False
@@ -644,7 +645,14 @@ class Proxy(Model):
             raise ValueError("map_cert and map_key go together: set both or neither")
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
             raise ValueError("heartbeat_interval must be positive and below heartbeat_timeout")
+        if self.attach is not None and len(self.server or ()) < self.attach:
+            raise ValueError(f"attach = {self.attach} needs that many servers listed in server")
         return self
+
+    @property
+    def attach_count(self) -> int:
+        """How many of the listed servers a tunnel client stays attached to at once."""
+        return self.attach if self.attach is not None else min(2, len(self.server or ()))
 
 
 def _redis_url(v: Any) -> str:

@@ -17,7 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from ..config.grammar import Address, is_loopback_host
-from ..config.model import Config, Proxy
+from ..config.model import Config, Fleet, Proxy
 from ..feature import BuildContext, Feature, IFeature, ListenSpec
 from ..listen import ListenerRegistry, StartupError
 from ..tls import TLSConfigError, client_creator, server_creator
@@ -37,6 +37,15 @@ def _server_tls(p: Proxy) -> bool:
     return p.tc or p.two_way_tls
 
 
+def _servers(p: Proxy) -> str:
+    """The tunnel servers a client lists, and how many it stays attached to."""
+    servers = p.server or ()
+    text = " ".join(str(a) for a in servers)
+    if len(servers) > 1:
+        text += f" (attached to {p.attach_count} at once)"
+    return text
+
+
 def _server_summary(p: Proxy) -> str:
     security = "mutual TLS" if p.two_way_tls else "TLS" if p.tc else "cleartext"
     auth = "tokens" if p.tokens else "username/password" if p.username else "no auth"
@@ -48,7 +57,7 @@ def plan_lines(p: Proxy) -> list[str]:
     lines: list[str] = []
     maps = {"http": p.map_http_bind, "https": p.map_https_bind, "tcp": p.map_tcp_bind,
             "proxy": p.map_proxy_bind}
-    if p.mode == "client" and p.server is None:
+    if p.mode == "client" and not p.server:
         raise StartupError('proxy.mode = "client" needs server = "host:port" (the tunnel server)')
     if p.center_addr:
         if _server_tls(p) and not p.cert:
@@ -84,9 +93,9 @@ def plan_lines(p: Proxy) -> list[str]:
                                "allow_open_proxy = true if you really mean it")
         security = ("mutual TLS" if p.two_way_tls else "TLS") if _client_tls(p) else "cleartext"
         names = ", ".join(f"{m.name} ({m.mode})" for m in p.mappings) or "no mappings"
-        lines.append(f"tunnel client of {p.server} ({security}) publishing {names}")
+        lines.append(f"tunnel client of {_servers(p)} ({security}) publishing {names}")
         for addr in p.bind or ():
-            lines.append(f"forward proxy on {addr} chained to {p.server}")
+            lines.append(f"forward proxy on {addr} chained to {_servers(p)}")
     elif p.mappings:
         raise StartupError("proxy.mappings need server = \"host:port\" (the tunnel server "
                            "to publish them on)")
@@ -115,7 +124,7 @@ class TunnelServerFeature(Feature):
 
     name = "tunnel-server"
 
-    def __init__(self, ctx: BuildContext, p: Proxy, own: tuple[Address, ...]) -> None:
+    def __init__(self, ctx: BuildContext, p: Proxy, own: tuple[Address, ...], fleet: Optional[Fleet] = None) -> None:
         from ..forward.server import ForwardFactory
         from .connection import StreamSpliceFactory
         from .httpmap import PublicHttp
@@ -123,6 +132,7 @@ class TunnelServerFeature(Feature):
 
         super().__init__()
         self.cfg = p
+        self.fleet_cfg = fleet
         self.adopted = False
         # remote_port listeners open and close with their clients: their own registry, so a
         # reload (which diffs the service's listeners) leaves them alone
@@ -153,29 +163,55 @@ class TunnelServerFeature(Feature):
         for mode, addrs in (("tcp", p.map_tcp_bind), ("proxy", p.map_proxy_bind)):
             if addrs:
                 self.server.public_modes.add(mode)
-                splice = StreamSpliceFactory(ctx.reactor, partial(self.server.open_default, mode),
+                splice = StreamSpliceFactory(ctx.reactor, partial(self.server.open_public, mode),
                                              p.idle_timeout, f"tunnel {mode}")
                 self.specs += [ListenSpec("tcp", a, f"tunnel {mode}", factory=splice, max_connections=p.max_connections,
                                           description=f"tunnel {mode} mappings on {a}") for a in addrs]
+        if fleet is not None:
+            self._fleet_link(ctx, fleet)
+
+    def _fleet_link(self, ctx: BuildContext, fleet: Fleet) -> None:
+        """[fleet]: claims in the Redis directory, and the inter-node link on ``advertise``."""
+        from .directory import RedisDirectory
+        from .fleet import FleetTunnels, LinkServerConnection
+
+        assert fleet.advertise is not None and fleet.secret is not None
+        node = getattr(ctx, "fleet", None)  # the FleetFeature: the one Redis connection manager
+        if node is None:
+            raise StartupError("[fleet]: the fleet feature must be built before the tunnel server")
+        directory = RedisDirectory(node.redis, node.key, node.node_id, str(fleet.advertise), fleet.lease)
+        self.server.fleet = FleetTunnels(self.server, directory, fleet.secret, renew_every=fleet.lease / 3,
+                                         availability=node.redis)
+        link = _Late(lambda: LinkServerConnection(self.server.fleet))
+        self.specs.append(ListenSpec("tcp", fleet.advertise, "fleet link", factory=link,
+                                     description=f"fleet tunnel link on {fleet.advertise} (node {node.node_id})"))
 
     def listeners(self) -> Iterable[ListenSpec]:
         return self.specs
 
     def carry_state_from(self, old: IFeature) -> None:
-        if isinstance(old, TunnelServerFeature) and old.cfg == self.cfg:
+        if isinstance(old, TunnelServerFeature) and old.cfg == self.cfg and old.fleet_cfg == self.fleet_cfg:
             # same settings: keep the server, its connected clients and their mappings
             modes = self.server.public_modes
             self.server = old.server
             self.server.public_modes = modes
             old.adopted = True
 
+    def start(self) -> None:
+        if self.server.fleet is not None:
+            self.server.fleet.start()
+
     def stop(self) -> None:
         if not self.adopted:
             self.server.stop()
+            if self.server.fleet is not None:
+                self.server.fleet.stop()
 
     def drain(self) -> Optional[Deferred[Any]]:
         self.server.stop()
         self.server.listeners.close_all()
+        if self.server.fleet is not None:
+            return self.server.fleet.stop()
         return None
 
     def tunnel_clients(self) -> list[dict[str, Any]]:
@@ -193,20 +229,22 @@ class TunnelClientFeature(Feature):
         from .connection import StreamSpliceFactory
 
         super().__init__()
-        assert p.server is not None
+        assert p.server
         self.cfg = p
         self.adopted = False
         needs_engine = any(m.mode == "proxy" for m in p.mappings)
         forward = ForwardFactory(ctx.reactor, p, own_listeners=own, stats=ctx.stats) if needs_engine else None
         self.client = TunnelClient(ctx.reactor, p, forward)
         if _client_tls(p):
-            self.client.use_tls(client_creator(
-                p.domain or p.server.host, ca_path=p.ca,
-                client_cert=(p.cert, p.key) if p.two_way_tls and p.cert and p.key else None))
+            creators = {s: client_creator(
+                p.domain or s.host, ca_path=p.ca,
+                client_cert=(p.cert, p.key) if p.two_way_tls and p.cert and p.key else None)
+                for s in p.server}
+            self.client.use_tls_for(creators.__getitem__)
         chain = StreamSpliceFactory(ctx.reactor, lambda peer: self.client.open_chain(peer), p.idle_timeout,
-                                    f"proxy chained to {p.server}")
+                                    f"proxy chained to {_servers(p)}")
         self.specs = [ListenSpec("tcp", a, "forward proxy (chained)", factory=chain,
-                                 max_connections=p.max_connections, description=f"forward proxy on {a} chained to {p.server}")
+                                 max_connections=p.max_connections, description=f"forward proxy on {a} chained to {_servers(p)}")
                       for a in p.bind or ()]
 
     def listeners(self) -> Iterable[ListenSpec]:
@@ -217,7 +255,7 @@ class TunnelClientFeature(Feature):
         p = self.cfg
         security = ("mutual TLS" if p.two_way_tls else "TLS") if _client_tls(p) else "cleartext"
         names = ", ".join(f"{m.name} ({m.mode})" for m in p.mappings) or "no mappings"
-        return [f"tunnel client of {p.server} ({security}) publishing {names}"]
+        return [f"tunnel client of {_servers(p)} ({security}) publishing {names}"]
 
     def carry_state_from(self, old: IFeature) -> None:
         if isinstance(old, TunnelClientFeature) and old.cfg == self.cfg:
@@ -239,7 +277,8 @@ class TunnelClientFeature(Feature):
         return None
 
     def tunnel_clients(self) -> list[dict[str, Any]]:
-        return [{"server": str(self.cfg.server), "connected": self.client.conn is not None}]
+        return [{"server": a.target_text, "connected": a.conn is not None}
+                for a in self.client.attachments]
 
 
 def build(ctx: BuildContext, config: Config) -> list[IFeature]:
@@ -254,11 +293,20 @@ def build(ctx: BuildContext, config: Config) -> list[IFeature]:
                                                      p.map_tcp_bind, p.map_proxy_bind) for a in addrs or ())
     if not config.disable_control:
         own += (config.control,)
+    fleet = config.fleet if p.center_addr else None
+    if fleet is not None:
+        if fleet.advertise is None:
+            raise StartupError("fleet.advertise is needed with a tunnel server: the host:port on which "
+                               "the other fleet nodes reach this node's inter-node link")
+        if fleet.secret is None:
+            raise StartupError("fleet.secret is needed with a tunnel server: it authenticates the "
+                               "inter-node links (at least 16 characters, the same on every node)")
+        own += (fleet.advertise,)
     features: list[IFeature] = []
     try:
         if p.center_addr:
-            features.append(TunnelServerFeature(ctx, p, own))
-        if p.server is not None:
+            features.append(TunnelServerFeature(ctx, p, own, fleet))
+        if p.server:
             features.append(TunnelClientFeature(ctx, p, own))
     except TLSConfigError as exc:
         raise StartupError(f"proxy: {exc}") from None

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import error
+from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IConsumer,
@@ -824,23 +825,41 @@ class _StreamSplice(SpliceProtocol):
             _log.info("{what}: cannot open a tunnel stream for {peer}: {why}",
                       what=self.factory_.what, peer=address_text(self.addr), why=str(exc))
             stream = None
+        if isinstance(stream, Deferred):  # found later (a fleet lookup): the socket waits, paused
+            super().connectionMade()
+            stream.addCallback(self._opened)
+            stream.addErrback(self._open_failed)
+            return
         if stream is None:
             self.transport.loseConnection()
             return
         super().connectionMade()
         stream.attach(SpliceProtocol(self.splice, B))
 
+    def _opened(self, stream: TunnelStream | None) -> None:
+        if stream is not None and self.transport.connected and not self.transport.disconnecting:
+            stream.attach(SpliceProtocol(self.splice, B))
+        elif stream is not None:
+            stream.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def _open_failed(self, failure: Failure) -> None:
+        _log.failure("{what}: opening a stream for {peer}", failure, what=self.factory_.what,
+                     peer=address_text(self.addr))
+        self.transport.loseConnection()
+
 
 class StreamSpliceFactory(Factory):
     """Relays each accepted connection over a stream that ``opener(peer_address)`` opens.
 
     ``opener`` returns the stream, or None (then the connection is closed at once: the client
-    serving it is offline).  Bytes flow through :class:`~wmproxy_tw.relay.Splice`.
+    serving it is offline), or a Deferred of either (the socket waits, paused, meanwhile).  Bytes flow through :class:`~wmproxy_tw.relay.Splice`.
     """
 
     noisy = False
 
-    def __init__(self, clock: IReactorTime, opener: Callable[[Any], TunnelStream | None],
+    def __init__(self, clock: IReactorTime, opener: Callable[[Any], Any],
                  idle_timeout: float | None, what: str) -> None:
         self.clock = clock
         self.opener = opener

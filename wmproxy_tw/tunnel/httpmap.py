@@ -80,9 +80,10 @@ class PublicHttp(Protocol, TimeoutMixin):
 
     transport: Any
 
-    def __init__(self, server: TunnelServer, scheme: str) -> None:
+    def __init__(self, server: TunnelServer, scheme: str, via_fleet: bool = False) -> None:
         self.server = server
         self.scheme = scheme
+        self.via_fleet = via_fleet  # carried here from another fleet node: never carried on
         self.clock = server.reactor
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.mode = "http"  # "http" | "relay" | "closing"
@@ -115,7 +116,7 @@ class PublicHttp(Protocol, TimeoutMixin):
         if self.mode == "relay":
             assert self.splice is not None
             self.splice.received(A, data)
-        elif self.mode == "http":
+        elif self.mode in ("http", "lookup"):
             self.conn.receive_data(data)
             self._events()
 
@@ -123,7 +124,7 @@ class PublicHttp(Protocol, TimeoutMixin):
         if self.mode == "relay":
             assert self.splice is not None
             self.splice.read_closed(A)
-        elif self.mode == "http":
+        elif self.mode in ("http", "lookup"):
             self.conn.receive_data(b"")
             self._events()
 
@@ -194,12 +195,47 @@ class PublicHttp(Protocol, TimeoutMixin):
         key = normalize_host(host)
         route = self.server.registry.find(self.scheme, key)
         if route is None or not route.conn.mux.is_open:
-            owner = self.server.registry.offline_owner(self.scheme, key)
-            if route is not None or owner is not None:
-                self._error(502, f"the tunnel client serving {key} is offline")
-            else:
-                self._not_found(key)
+            fleet = self.server.fleet
+            if fleet is not None and not self.via_fleet:
+                # another fleet node may hold the client: hold this request until we know
+                self.mode = "lookup"
+                self.transport.pauseProducing()
+                d = fleet.find(self.scheme, key)
+                d.addTimeout(self.server.cfg.connect_timeout, self.clock, lambda *_: None)
+                d.addCallback(self._found, ev, headers, host, key, target, route)
+                d.addErrback(self._lookup_failed)
+                return
+            self._no_route(route, key)
             return
+        self._forward(ev, headers, host, key, target, route)
+
+    def _found(self, remote: Any, ev: h11.Request, headers: list[tuple[str, str]], host: str,
+               key: str, target: str, route: Route | None) -> None:
+        if self.closed or self.mode != "lookup":
+            return
+        self.mode = "http"
+        self.transport.resumeProducing()
+        if remote is None:
+            self._no_route(route, key)
+            return
+        self._forward(ev, headers, host, key, target, remote)
+        self._events()
+
+    def _lookup_failed(self, failure: Failure) -> None:
+        _log.failure("tunnel {scheme}: fleet lookup", failure, scheme=self.scheme)
+        if not self.closed and self.mode == "lookup":
+            self.mode = "http"
+            self._error(502, "the fleet lookup failed")
+
+    def _no_route(self, route: Route | None, key: str) -> None:
+        owner = self.server.registry.offline_owner(self.scheme, key)
+        if route is not None or owner is not None:
+            self._error(502, f"the tunnel client serving {key} is offline")
+        else:
+            self._not_found(key)
+
+    def _forward(self, ev: h11.Request, headers: list[tuple[str, str]], host: str, key: str,
+                 target: str, route: Any) -> None:
         upgrade = any(k.lower() == "upgrade" and v.lower() == "websocket" for k, v in headers)
         out = _framing(hop_by_hop_clean(headers, keep_upgrade=upgrade), headers)
         if upgrade:

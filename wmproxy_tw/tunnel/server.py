@@ -272,6 +272,7 @@ class TunnelServer:
         self.registry = MappingRegistry()
         self.connections: set[ServerConnection] = set()
         self.public_modes: set[str] = set()  # modes with a listener: http, https, tcp, proxy
+        self.fleet: Any = None  # FleetTunnels (tunnel/fleet.py) when [fleet] is configured
         hosts = cfg.map_tcp_bind or cfg.center_addr or ()
         self.port_host = hosts[0].host if hosts else "127.0.0.1"
 
@@ -331,6 +332,8 @@ class TunnelServer:
                 return f"remote_port {reg.remote_port} cannot be opened: {exc}"
         self.registry.add(route)
         conn.routes.append(route)
+        if self.fleet is not None:
+            self.fleet.route_added(route)
         return None
 
     def _refusal(self, conn: ServerConnection, reg: Register) -> str | None:
@@ -368,6 +371,8 @@ class TunnelServer:
         routes, conn.routes = conn.routes, []
         for route in routes:
             self.registry.remove(route)
+            if self.fleet is not None:
+                self.fleet.route_removed(route)
             if route.listener is not None:
                 listener, route.listener = route.listener, None
                 self.listeners.close("tcp", listener.addr)
@@ -379,6 +384,12 @@ class TunnelServer:
         """A stream for a connection on ``map_tcp_bind`` / ``map_proxy_bind`` (None: offline)."""
         route = self.registry.default.get(mode)
         return route.open(peer) if route is not None else None
+
+    def open_public(self, mode: str, peer: Any) -> Any:
+        """``map_tcp_bind`` / ``map_proxy_bind``: the local client, else (fleet) a node holding one."""
+        if self.fleet is not None:
+            return self.fleet.open_default(mode, peer)
+        return self.open_default(mode, peer)
 
     def stop(self) -> None:
         """Tell every client we are going away."""
