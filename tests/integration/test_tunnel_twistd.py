@@ -2,53 +2,22 @@
 
 from __future__ import annotations
 
-import signal
-import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, error, protocol, reactor
+from twisted.internet import reactor
 
 from wmproxy_tw.tunnel.server import TunnelServer
 
-from ..helpers import ENV, run
+from ..helpers import TWISTD, Running, run, run_twistd
 from .test_tunnel import feature, port_of, stop, tagged_origin, tunnel_server, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
-TWISTD = str(Path(sys.executable).with_name("twistd"))
-
-
-class Twistd(protocol.ProcessProtocol):
-    """A twistd child; ``ended`` fires when it exits."""
-
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: defer.Deferred[None] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(None)
-
-    def signal(self, name: str) -> None:
-        try:
-            self.transport.signalProcess(getattr(signal, f"SIG{name}"))
-        except error.ProcessExitedAlready:
-            pass
-
-
-def spawn(config: Path) -> Twistd:
-    proc = Twistd()
-    argv = [TWISTD, "-n", "--pidfile=", "wmproxy", "-c", str(config)]
-    reactor.spawnProcess(proc, TWISTD, argv, env=ENV)
-    return proc
+def spawn(config: Path) -> Running:
+    return run_twistd(config)
 
 
 async def status_of(http: int, host: str) -> int:
@@ -66,6 +35,7 @@ async def test_killed_restarted_and_stopped_client_process(tmp_path: Path) -> No
     http = port_of(srv, "tunnel http")
     config = tmp_path / "client.toml"
     config.write_text(textwrap.dedent(f"""\
+        disable_control = true
         [proxy]
         server = "127.0.0.1:{port_of(srv, 'tunnel server')}"
         token = "good-token"
@@ -77,7 +47,7 @@ async def test_killed_restarted_and_stopped_client_process(tmp_path: Path) -> No
         local_addr = "127.0.0.1:{web.getHost().port}"
         domain = "w.test"
         """))
-    procs: list[Twistd] = []
+    procs: list[Running] = []
 
     def published() -> bool:
         return server.registry.find("http", "w.test") is not None
