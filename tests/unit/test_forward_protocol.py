@@ -62,3 +62,118 @@ def test_flag_restricts_protocols() -> None:
     p, t, reactor = _proto('flag = "http"')
     p.dataReceived(b"\x05\x01\x00")
     assert t.value() == b"" and reactor.tcpClients == []
+
+
+def _dial(reactor: MemoryReactorClock, i: int = -1) -> tuple[object, StringTransport]:
+    """Complete the i-th upstream connection the proxy started: its protocol and transport."""
+    host, port, factory, *_ = reactor.tcpClients[i]
+    up = factory.buildProtocol(IPv4Address("TCP", host, port))
+    ut = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+    up.makeConnection(ut)
+    return up, ut
+
+
+def test_chunked_upload_and_chunked_response_keep_alive() -> None:
+    """A chunked request body goes upstream re-chunked; the chunked answer comes back; the next request reuses it."""
+    p, t, reactor = _proto()
+    p.dataReceived(b"POST http://127.0.0.1:9/up HTTP/1.1\r\nHost: 127.0.0.1:9\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"3\r\nabc\r\n")
+    up, ut = _dial(reactor)
+    p.dataReceived(b"2;x=1\r\nde\r\n0\r\nTrailer: t\r\n\r\n")
+    sent = ut.value()
+    assert sent.startswith(b"POST /up HTTP/1.1\r\nHost: 127.0.0.1:9\r\n") and b"Via: 1.1 wmproxy-tw\r\n" in sent
+    assert sent.endswith(b"\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert t.value().startswith(b"HTTP/1.1 200 OK\r\n") and t.value().endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    ut.clear()
+    p.dataReceived(b"GET http://127.0.0.1:9/two HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
+    assert len(reactor.tcpClients) == 1 and ut.value().startswith(b"GET /two HTTP/1.1\r\n")
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    """Two requests in one write: the second goes upstream only after the first response has ended."""
+    p, t, reactor = _proto()
+    p.dataReceived(b"GET http://127.0.0.1:9/a HTTP/1.1\r\nHost: h\r\n\r\nGET http://127.0.0.1:9/b HTTP/1.1\r\nHost: h\r\n\r\n")
+    up, ut = _dial(reactor)
+    assert ut.value().count(b"GET ") == 1
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nA")
+    assert ut.value().count(b"GET ") == 2 and b"GET /b " in ut.value()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nB")
+    assert t.value().count(b"HTTP/1.1 200 OK") == 2 and t.value().endswith(b"B") and not t.disconnecting
+
+
+def test_http10_client_and_close_delimited_response() -> None:
+    """An HTTP/1.0 client gets a close-delimited body as is; the proxy closes after it; Host is added."""
+    p, t, reactor = _proto()
+    p.dataReceived(b"GET http://127.0.0.1:9/ HTTP/1.0\r\n\r\n")
+    up, ut = _dial(reactor)
+    assert b"\r\nHost: 127.0.0.1:9\r\n" in ut.value()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nsome ")
+    up.dataReceived(b"body")
+    up.connectionLost(None)
+    out = t.value()
+    assert b"Connection: close\r\n" in out and b"chunked" not in out and out.endswith(b"\r\n\r\nsome body")
+    assert t.disconnecting
+
+
+def test_close_delimited_response_is_chunked_for_http11_client() -> None:
+    """A close-delimited upstream body reaches an HTTP/1.1 client chunked, keeping the client connection."""
+    p, t, reactor = _proto()
+    p.dataReceived(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    up, _ut = _dial(reactor)
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nxyz")
+    up.connectionLost(None)
+    assert b"Transfer-Encoding: chunked\r\n" in t.value() and t.value().endswith(b"\r\n\r\n3\r\nxyz\r\n0\r\n\r\n")
+    assert not t.disconnecting
+
+
+def test_head_response_has_no_body() -> None:
+    """A HEAD answer with Content-Length carries no body; the connection serves the next request."""
+    p, t, reactor = _proto()
+    p.dataReceived(b"HEAD http://127.0.0.1:9/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    up, ut = _dial(reactor)
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    assert t.value().endswith(b"Content-Length: 100\r\nVia: 1.1 wmproxy-tw\r\n\r\n")
+    p.dataReceived(b"GET http://127.0.0.1:9/n HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert b"GET /n " in ut.value() and len(reactor.tcpClients) == 1
+
+
+def test_truncated_upstream_body_aborts_the_client() -> None:
+    """An upstream that closes before its Content-Length is reached makes the proxy abort, not end cleanly."""
+    p, t, reactor = _proto()
+    p.dataReceived(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    up, _ut = _dial(reactor)
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    up.connectionLost(None)
+    assert t.disconnecting and t.value().endswith(b"abc")
+
+
+def test_bad_upstream_response_is_502() -> None:
+    """A malformed response head becomes 502 for the client."""
+    p, t, reactor = _proto()
+    p.dataReceived(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    up, _ut = _dial(reactor)
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n")
+    assert t.value().startswith(b"HTTP/1.1 502 ")
+
+
+def test_websocket_upgrade_becomes_a_relay() -> None:
+    """A 101 to a WebSocket upgrade passes through; then bytes flow both ways unparsed."""
+    p, t, reactor = _proto()
+    p.dataReceived(b"GET http://127.0.0.1:9/ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    up, ut = _dial(reactor)
+    assert b"Upgrade: websocket\r\n" in ut.value() and b"Connection: Upgrade\r\n" in ut.value()
+    up.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nfrom-up")
+    assert b"101 Switching Protocols" in t.value() and t.value().endswith(b"from-up")
+    ut.clear()
+    p.dataReceived(b"from-client")
+    assert ut.value() == b"from-client"
+
+
+def test_response_deadline_gives_504() -> None:
+    """An upstream that accepts the request but never answers gets the client a 504."""
+    p, t, reactor = _proto()
+    p.dataReceived(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    _up, _ut = _dial(reactor)
+    reactor.advance(61)
+    assert t.value().startswith(b"HTTP/1.1 504 ")

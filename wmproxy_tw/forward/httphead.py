@@ -148,6 +148,11 @@ class RequestHeadParser:
         self._head: RequestHead | None = None
         self._leftover = b""
 
+    @property
+    def partial(self) -> bool:
+        """True while part of a head is buffered (between heads: False)."""
+        return bool(self._buf) or self._request_line is not None
+
     def feed(self, data: bytes) -> RequestHead | None:
         """Consume ``data``; return the head once complete, else None.
 
