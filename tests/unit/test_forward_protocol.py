@@ -177,3 +177,75 @@ def test_response_deadline_gives_504() -> None:
     _up, _ut = _dial(reactor)
     reactor.advance(61)
     assert t.value().startswith(b"HTTP/1.1 504 ")
+
+
+def _client(f: ForwardFactory) -> tuple[object, StringTransport]:
+    p = f.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    t = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555),
+                        hostAddress=IPv4Address("TCP", "127.0.0.1", 8090))
+    p.makeConnection(t)
+    return p, t
+
+
+def _pool_setup() -> tuple[ForwardFactory, MemoryReactorClock, object, StringTransport, object]:
+    """A first HTTP/1.0 client served and gone: its upstream connection is parked."""
+    reactor = MemoryReactorClock()
+    f = ForwardFactory(reactor, load_text('[proxy]\nbind = "127.0.0.1:0"').config.proxy)
+    p1, t1 = _client(f)
+    p1.dataReceived(b"GET http://127.0.0.1:9/a HTTP/1.0\r\n\r\n")
+    up, ut = _dial(reactor)
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nA")
+    assert t1.disconnecting and t1.value().endswith(b"\r\n\r\nA")
+    p1.connectionLost(None)
+    ut.clear()
+    return f, reactor, up, ut, p1
+
+
+def test_upstream_connection_is_pooled_between_clients() -> None:
+    """A second client's request to the same origin goes over the first one's upstream connection."""
+    f, reactor, up, ut, _ = _pool_setup()
+    p2, t2 = _client(f)
+    p2.dataReceived(b"GET http://127.0.0.1:9/b HTTP/1.0\r\n\r\n")
+    assert len(reactor.tcpClients) == 1 and ut.value().startswith(b"GET /b HTTP/1.1\r\n")
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nB")
+    assert t2.value().endswith(b"\r\n\r\nB")
+
+
+def test_pooled_connection_closed_by_origin_is_dropped() -> None:
+    """An idle pooled connection the origin closes is forgotten; the next request dials anew."""
+    f, reactor, up, _ut, _ = _pool_setup()
+    up.connectionLost(None)
+    p2, _t2 = _client(f)
+    p2.dataReceived(b"GET http://127.0.0.1:9/b HTTP/1.0\r\n\r\n")
+    assert len(reactor.tcpClients) == 2 and f.pool.count == 0
+
+
+def test_reused_connection_closing_before_the_answer_is_retried() -> None:
+    """A reused connection that closes before any byte of answer: the request is resent on a new one."""
+    f, reactor, up, ut, _ = _pool_setup()
+    p2, t2 = _client(f)
+    p2.dataReceived(b"GET http://127.0.0.1:9/b HTTP/1.0\r\n\r\n")
+    assert ut.value().startswith(b"GET /b ")
+    up.connectionLost(None)
+    up2, ut2 = _dial(reactor)
+    assert ut2.value().startswith(b"GET /b HTTP/1.1\r\n")
+    up2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nB")
+    assert t2.value().startswith(b"HTTP/1.1 200 OK") and t2.value().endswith(b"B")
+
+
+def test_request_with_body_does_not_take_a_pooled_connection() -> None:
+    """A POST is never sent on a pooled connection (its body could not be resent)."""
+    f, reactor, _up, ut, _ = _pool_setup()
+    p2, _t2 = _client(f)
+    p2.dataReceived(b"POST http://127.0.0.1:9/b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")
+    assert len(reactor.tcpClients) == 2 and ut.value() == b""
+
+
+def test_pool_closes_idle_connections_and_on_stop() -> None:
+    """Pooled connections idle past POOL_IDLE are closed; stop() closes the rest."""
+    f, reactor, _up, ut, _ = _pool_setup()
+    reactor.advance(61)
+    assert ut.disconnecting and f.pool.count == 0
+    _f2, _reactor2, _up2, ut2, _ = _pool_setup()
+    _f2.stop()
+    assert ut2.disconnecting and _f2.pool.count == 0

@@ -42,6 +42,9 @@ RESPONSE_TIMEOUT = 60.0  # upstream must start answering within this
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
 MAX_RESPONSE_HEAD = 64 * 1024
+POOL_PER_ORIGIN = 16  # idle upstream connections kept per origin (host, port) ...
+POOL_TOTAL = 256  # ... and in all
+POOL_IDLE = 30.0  # seconds an idle upstream connection is kept (30 to 60 s)
 VIA = "1.1 wmproxy-tw"
 _VIA = VIA.encode()
 
@@ -82,6 +85,7 @@ class ForwardFactory(Factory):
         self.flags = cfg.flag
         self.active: set[ForwardProtocol] = set()
         self.draining = False
+        self.pool = UpstreamPool(reactor)
 
     def buildProtocol(self, addr: Any) -> Optional[Protocol]:
         host = getattr(addr, "host", "")
@@ -98,8 +102,13 @@ class ForwardFactory(Factory):
     def drain(self) -> None:
         """Graceful stop: close idle connections; busy ones close after their response."""
         self.draining = True
+        self.pool.close_all()
         for proto in list(self.active):
             proto.drain()
+
+    def stop(self) -> None:
+        """The feature stops: idle upstream connections are closed."""
+        self.pool.close_all()
 
     def count(self, kind: str, status: int) -> None:
         """One request answered (``kind``: http | socks5)."""
@@ -142,6 +151,7 @@ class ForwardProtocol(Protocol):
         self.no_body = False  # HEAD request: the response has no body
         self.resp_started = False
         self.rechunk_down = False  # the response goes to the client re-chunked
+        self.head_out = b""  # a response head held back until its first body bytes
 
     # -- connection --------------------------------------------------------
     def connectionMade(self) -> None:
@@ -231,9 +241,16 @@ class ForwardProtocol(Protocol):
         if self.udp is not None:
             self.udp.close()
             self.udp = None
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
+        self._release_upstream()
+
+    def _release_upstream(self) -> None:
+        """Done with the upstream connection: to the shared pool if it can carry another request."""
+        up = self.upstream
+        if up is None:
+            return
+        self.upstream = None
+        if self.hstate == _H_BODY or not self.f.pool.put(up):
+            up.close()
 
     def _close(self) -> None:
         if not self._closed:
@@ -453,12 +470,16 @@ class ForwardProtocol(Protocol):
         self.hstate = _H_BODY if self.decoder is not None else _H_WAIT
         key = (target.host, target.port)
         up = self.upstream
-        if up is None or up.key != key or not up.reusable():
-            if up is not None:
-                up.close()
-            up = self.upstream = HttpUpstream(self, key)
+        if up is not None and (up.key != key or not up.reusable()):
+            self._release_upstream()
+            up = None
+        if up is None:
+            # a pooled connection only for a request without a body: one the origin closed
+            # meanwhile is then retried on a new connection (the head is all there is to resend)
+            up = self.f.pool.take(key, self) if self.decoder is None else None
+            self.upstream = up = up or HttpUpstream(self, key)
         self._arm(RESPONSE_TIMEOUT)
-        up.start(method, raw)
+        up.start(method, raw, retry=self.decoder is None)
         if rest and self.mode == "http":
             self._http_data(rest)
 
@@ -499,6 +520,11 @@ class ForwardProtocol(Protocol):
         self._open_tunnel(host, port, ok, fail, rest)
 
     # called by HttpUpstream ------------------------------------------------------
+    def upstream_retry(self, old: HttpUpstream, method: bytes, head: bytes) -> None:
+        """A reused connection closed before answering: the same request on a new one."""
+        up = self.upstream = HttpUpstream(self, old.key)
+        up.start(method, head, retry=False)
+
     def upstream_failed(self, err: UpstreamError) -> None:
         if self.mode != "http":
             return
@@ -531,8 +557,10 @@ class ForwardProtocol(Protocol):
         fields = _text_fields(head.headers)
         hdrs = _forwarded(fields, False)
         self.rechunk_down = False
+        length_body = False
         if not (self.no_body or head.status in (204, 304)):
             names = {k.lower() for k, _ in fields}
+            length_body = "content-length" in names  # (never with Transfer-Encoding: the parser refuses that)
             if "transfer-encoding" in names:  # the parser decodes it; it goes out re-chunked
                 self.rechunk_down = self.client11
             elif "content-length" not in names and self.client11:  # close-delimited upstream
@@ -543,21 +571,34 @@ class ForwardProtocol(Protocol):
                 self.keep = False  # an HTTP/1.0 client reads to the close
         if not self.keep:
             hdrs.append(("Connection", "close"))
-        self.transport.write(_response_head(head.status, head.reason, hdrs))
+        out = _response_head(head.status, head.reason, hdrs)
+        if length_body:
+            # the head goes out with the first body bytes (one send, not two, when the upstream
+            # sent them apart, as nginx does with sendfile)
+            self.head_out = out
+        else:
+            self.transport.write(out)
 
     def upstream_data(self, data: bytes) -> None:
         self.f.meter.outbound(len(data))
         if self.rechunk_down:
             self.transport.writeSequence(chunk(data))
+        elif self.head_out:
+            self.transport.writeSequence((self.head_out, data))
+            self.head_out = b""
         else:
             self.transport.write(data)
 
     def upstream_done(self) -> None:
         if self.rechunk_down:
             self.transport.write(LAST_CHUNK)
+        elif self.head_out:
+            self.transport.write(self.head_out)
+            self.head_out = b""
         if not self.keep or self.f.draining or self.hstate != _H_WAIT:
             # (a response that ended before its request body did leaves the client stream unusable)
             self.mode = "closing"
+            self._release_upstream()  # before the close: a closing client stops its producers
             self._close()
             return
         self.hstate = _H_HEAD
@@ -587,14 +628,91 @@ class ForwardProtocol(Protocol):
             splice.received(A, held)
 
 
+class UpstreamPool:
+    """Idle keep-alive upstream connections, shared by the clients of one forward proxy.
+
+    A client done with its upstream connection parks it here (at most
+    ``POOL_PER_ORIGIN`` per origin, ``POOL_TOTAL`` in all); a request to the
+    same origin takes the most recently parked one instead of dialling.  One
+    timer for the whole pool closes those idle longer than ``POOL_IDLE``.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.idle: dict[tuple[str, int], list[HttpUpstream]] = {}
+        self.count = 0
+        self.closed = False
+        self._sweep: Optional[IDelayedCall] = None
+
+    def take(self, key: tuple[str, int], client: ForwardProtocol) -> Optional[HttpUpstream]:
+        conns = self.idle.get(key)
+        while conns:
+            up = conns.pop()
+            self.count -= 1
+            if not conns:
+                del self.idle[key]
+            if up.reusable():
+                up.adopt(client)
+                return up
+            up.close()
+        return None
+
+    def put(self, up: HttpUpstream) -> bool:
+        if self.closed or self.count >= POOL_TOTAL or not up.reusable():
+            return False
+        conns = self.idle.setdefault(up.key, [])
+        if len(conns) >= POOL_PER_ORIGIN:
+            return False
+        up.park(self, self.reactor.seconds())
+        conns.append(up)
+        self.count += 1
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(POOL_IDLE, self._expire)
+        return True
+
+    def discard(self, up: HttpUpstream) -> None:
+        conns = self.idle.get(up.key)
+        if conns and up in conns:
+            conns.remove(up)
+            self.count -= 1
+            if not conns:
+                del self.idle[up.key]
+
+    def _expire(self) -> None:
+        self._sweep = None
+        limit = self.reactor.seconds() - POOL_IDLE
+        for conns in list(self.idle.values()):
+            for up in [u for u in conns if u.parked_at <= limit]:
+                self.discard(up)
+                up.close()
+        if self.count:
+            self._sweep = self.reactor.callLater(POOL_IDLE, self._expire)
+
+    def close_all(self) -> None:
+        """Close every idle connection and park no more (graceful stop)."""
+        self.closed = True
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        idle, self.idle, self.count = self.idle, {}, 0
+        for conns in idle.values():
+            for up in conns:
+                up.close()
+
+
 class HttpUpstream(Protocol):
-    """One upstream HTTP/1.1 connection serving a client's requests in turn."""
+    """One upstream HTTP/1.1 connection serving requests in turn (parked in the pool between clients)."""
 
     transport: Any
 
     def __init__(self, client: ForwardProtocol, key: tuple[str, int]) -> None:
-        self.client = client
+        self.client: Optional[ForwardProtocol] = client
         self.key = key
+        self.pool: Optional[UpstreamPool] = None  # while parked
+        self.parked_at = 0.0
+        self.served = 0  # requests started on this connection
+        self.got_bytes = False  # any byte of the current response arrived
+        self.retry: Optional[tuple[bytes, bytes]] = None  # (method, head) to resend if a reused one closes
         self.parser = ResponseParser(max_head=MAX_RESPONSE_HEAD)
         self.connected = False
         self.dialling = False
@@ -606,12 +724,21 @@ class HttpUpstream(Protocol):
         self.sent_at = 0.0
 
     def reusable(self) -> bool:
-        return self.connected and not self.closed and self.done and self.parser.reusable
+        return (self.connected and not self.closed and self.done and self.parser.reusable
+                and not self.transport.disconnecting)
 
-    def start(self, method: bytes, head: bytes) -> None:
-        """Send one request head (its body follows through :meth:`write`)."""
+    def start(self, method: bytes, head: bytes, retry: bool = False) -> None:
+        """Send one request head (its body follows through :meth:`write`).
+
+        ``retry``: the request has no body, so if this connection was used
+        before and closes without a byte of answer, it is resent on a new one.
+        """
+        assert self.client is not None
         self.done = False
         self.got_response = False
+        self.got_bytes = False
+        self.served += 1
+        self.retry = (method, head) if retry and self.served > 1 else None
         self.sent_at = self.client.reactor.seconds()
         self.parser.expect(method)
         self.write(head)
@@ -636,15 +763,32 @@ class HttpUpstream(Protocol):
         else:
             self.queue.extend(parts)
 
+    def park(self, pool: UpstreamPool, now: float) -> None:
+        """Between clients: no producer links, reading (to notice a close), no client."""
+        client = self.client
+        if client is not None:
+            _unregister(client.transport, self.transport)
+            _unregister(self.transport, client.transport)
+        self.transport.resumeProducing()  # (the client's back-pressure may have paused it)
+        self.client = None
+        self.pool = pool
+        self.parked_at = now
+
+    def adopt(self, client: ForwardProtocol) -> None:
+        self.pool = None
+        self.client = client
+        client.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(client.transport, True)
+
     def _connect_failed(self, f: Failure) -> None:
         self.closed = True
         err = f.value if isinstance(f.value, UpstreamError) else UpstreamError(502, str(f.value))
-        if self.client.upstream is self:
+        if self.client is not None and self.client.upstream is self:
             self.client.upstream = None
             self.client.upstream_failed(err)
 
     def connectionMade(self) -> None:
-        if self.client._closed or self.closed:
+        if self.client is None or self.client._closed or self.closed:
             self.closed = True
             self.transport.loseConnection()
             return
@@ -658,6 +802,11 @@ class HttpUpstream(Protocol):
         if self.splice is not None:
             self.splice.received(B, data)
             return
+        if self.client is None:  # bytes nobody asked for, while parked
+            self._unpark()
+            self.close()
+            return
+        self.got_bytes = True
         try:
             events = self.parser.feed(data)
         except ResponseError as e:
@@ -665,15 +814,21 @@ class HttpUpstream(Protocol):
             return
         self._events(events)
 
+    def _unpark(self) -> None:
+        if self.pool is not None:
+            self.pool.discard(self)
+            self.pool = None
+
     def _bad(self, why: str) -> None:
         client = self.client
         self.close()
-        if client.upstream is self:
+        if client is not None and client.upstream is self:
             client.upstream = None
             client.upstream_failed(UpstreamError(502, why))
 
     def _events(self, events: list[tuple[int, Any]]) -> None:
         client = self.client
+        assert client is not None
         for kind, value in events:
             if client.upstream is not self:
                 return  # the client gave up on this exchange
@@ -698,6 +853,7 @@ class HttpUpstream(Protocol):
 
     def detach_to(self, splice: Splice) -> bytes:
         """Hand this connection to a splice (after a 101): return unread bytes."""
+        assert self.client is not None
         self.splice = splice
         _unregister(self.client.transport, self.transport)
         _unregister(self.transport, self.client.transport)
@@ -709,8 +865,17 @@ class HttpUpstream(Protocol):
         if self.splice is not None:
             self.splice.lost(B, reason)
             return
-        _unregister(self.client.transport, self.transport)
-        if self.done or self.client.upstream is not self:
+        client = self.client
+        if client is None:  # parked: the origin closed an idle connection
+            self._unpark()
+            return
+        _unregister(client.transport, self.transport)
+        if self.done or client.upstream is not self:
+            return
+        if self.retry is not None and not self.got_bytes:
+            # a reused connection the origin closed as the request went out: once more, on a new one
+            method, head = self.retry
+            client.upstream_retry(self, method, head)
             return
         try:
             events = self.parser.eof()
@@ -721,8 +886,9 @@ class HttpUpstream(Protocol):
 
     def close(self) -> None:
         if self.connected and not self.closed:
-            _unregister(self.client.transport, self.transport)
-            _unregister(self.transport, self.client.transport)
+            if self.client is not None:
+                _unregister(self.client.transport, self.transport)
+                _unregister(self.transport, self.client.transport)
             self.transport.loseConnection()
         self.closed = True
 
