@@ -732,8 +732,8 @@ class HttpUpstream(Protocol):
         self.sent_at = 0.0
 
     def reusable(self) -> bool:
-        return (self.connected and not self.closed and self.done and self.parser.reusable
-                and not self.transport.disconnecting)
+        return bool(self.connected and not self.closed and self.done and self.parser.reusable
+                    and not self.transport.disconnecting)
 
     def start(self, method: bytes, head: bytes, retry: bool = False) -> None:
         """Send one request head (its body follows through :meth:`write`).
