@@ -73,6 +73,20 @@ def _dial(reactor: MemoryReactorClock, i: int = -1) -> tuple[object, StringTrans
     return up, ut
 
 
+_GET = b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def _exchange(response: bytes, lost: bool = False, request: bytes = _GET) -> tuple[object, StringTransport, object]:
+    """A request through a fresh proxy, answered upstream with ``response`` (then a close, if ``lost``)."""
+    p, t, reactor = _proto()
+    p.dataReceived(request)
+    up, ut = _dial(reactor)
+    up.dataReceived(response)
+    if lost:
+        up.connectionLost(None)
+    return p, t, (reactor, up, ut)
+
+
 def test_chunked_upload_and_chunked_response_keep_alive() -> None:
     """A chunked request body goes upstream re-chunked; the chunked answer comes back; the next request reuses it."""
     p, t, reactor = _proto()
@@ -118,21 +132,15 @@ def test_http10_client_and_close_delimited_response() -> None:
 
 def test_close_delimited_response_is_chunked_for_http11_client() -> None:
     """A close-delimited upstream body reaches an HTTP/1.1 client chunked, keeping the client connection."""
-    p, t, reactor = _proto()
-    p.dataReceived(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: h\r\n\r\n")
-    up, _ut = _dial(reactor)
-    up.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nxyz")
-    up.connectionLost(None)
+    _p, t, _ = _exchange(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nxyz", lost=True)
     assert b"Transfer-Encoding: chunked\r\n" in t.value() and t.value().endswith(b"\r\n\r\n3\r\nxyz\r\n0\r\n\r\n")
     assert not t.disconnecting
 
 
 def test_head_response_has_no_body() -> None:
     """A HEAD answer with Content-Length carries no body; the connection serves the next request."""
-    p, t, reactor = _proto()
-    p.dataReceived(b"HEAD http://127.0.0.1:9/ HTTP/1.1\r\nHost: h\r\n\r\n")
-    up, ut = _dial(reactor)
-    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    p, t, (reactor, _up, ut) = _exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+                                         request=_GET.replace(b"GET", b"HEAD"))
     assert t.value().endswith(b"Content-Length: 100\r\nVia: 1.1 wmproxy-tw\r\n\r\n")
     p.dataReceived(b"GET http://127.0.0.1:9/n HTTP/1.1\r\nHost: h\r\n\r\n")
     assert b"GET /n " in ut.value() and len(reactor.tcpClients) == 1
@@ -140,20 +148,13 @@ def test_head_response_has_no_body() -> None:
 
 def test_truncated_upstream_body_aborts_the_client() -> None:
     """An upstream that closes before its Content-Length is reached makes the proxy abort, not end cleanly."""
-    p, t, reactor = _proto()
-    p.dataReceived(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: h\r\n\r\n")
-    up, _ut = _dial(reactor)
-    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-    up.connectionLost(None)
+    _p, t, _ = _exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", lost=True)
     assert t.disconnecting and t.value().endswith(b"abc")
 
 
 def test_bad_upstream_response_is_502() -> None:
     """A malformed response head becomes 502 for the client."""
-    p, t, reactor = _proto()
-    p.dataReceived(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: h\r\n\r\n")
-    up, _ut = _dial(reactor)
-    up.dataReceived(b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n")
+    _p, t, _ = _exchange(b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n")
     assert t.value().startswith(b"HTTP/1.1 502 ")
 
 
