@@ -276,7 +276,7 @@ class ForwardKeepalive(Forward):
     def measure(self, who: str, r: Running, duration: float) -> Measured:
         script = self.ctx.work / "absolute-uri.lua"
         script.write_text(f'wrk.path = "{self.origin_url}"\nwrk.headers["Host"] = "127.0.0.1:{self.ctx.origin_port}"\n')
-        return wrk(f"http://127.0.0.1:{r.port}/", duration, 50, script=str(script))
+        return with_cpu(r, lambda: wrk(f"http://127.0.0.1:{r.port}/", duration, 50, script=str(script)))
 
 
 class ForwardConnect(Forward):
