@@ -168,9 +168,11 @@ class ForwardProtocol(Protocol):
         """(Re)start the one deadline of this connection."""
         dl = self._deadline
         if dl is not None and dl.active():
-            dl.reset(seconds)
-        else:
-            self._deadline = self.reactor.callLater(seconds, self._deadline_passed)
+            if self.reactor.seconds() + seconds >= dl.getTime():
+                dl.reset(seconds)  # later: cheap (moving a call sooner searches the whole timer heap)
+                return
+            dl.cancel()
+        self._deadline = self.reactor.callLater(seconds, self._deadline_passed)
 
     def _disarm(self) -> None:
         if self._deadline is not None and self._deadline.active():
