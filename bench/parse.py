@@ -165,7 +165,9 @@ def fmt_value(v: float | None, unit: str) -> str:
     return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
 
 
-_FLAGS = (("read_errors", "closed by server"), ("errors", "errors"), ("failed", "failed"), ("non2xx", "non-2xx"), ("lost_percent", "loss %"))
+_FLAGS = (("read_errors", "closed by server"), ("errors", "errors"), ("failed", "failed"), ("non2xx", "non-2xx"), ("lost_percent", "loss %"),
+          ("cpu_us", "CPU µs/req"), ("cores_proxy", "cores: contender"), ("cores_client", "client"),
+          ("cores_busy", "machine"))
 
 
 def render_table(results: list[Result]) -> str:

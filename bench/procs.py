@@ -52,6 +52,23 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (every core, /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / _TICK
+
+
+def children_cpu() -> float:
+    """CPU seconds of the finished child processes (e.g. the load generator)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 class Proc:
     """One started program (and its children: same process group)."""
 
@@ -106,6 +123,17 @@ class Proc:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 out.append(int(d))
         return out
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the group's live processes so far."""
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / _TICK
 
     def memory_kib(self) -> int:
         """Proportional set size of the whole group (RSS without double-counting shared pages)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from . import peers
 from .parse import parse_ab, parse_iperf3, parse_wrk
 from .peers import Ctx
-from .procs import Proc, free_port, run
+from .procs import Proc, busy_seconds, children_cpu, free_port, run
 
 # ----------------------------------------------------------------- running
 
@@ -90,6 +90,20 @@ def iperf(port: int, duration: float, streams: int = 1, udp_rate: str | None = N
     if udp_rate:
         return r["bps"] / 1e6, {k: v for k, v in r.items() if k in ("lost_percent", "jitter_ms")}
     return r["bps"] / 1e9, {k: v for k, v in r.items() if k == "retransmits"}
+
+
+def with_cpu(r: Running, fn: Callable[[], Measured]) -> Measured:
+    """Run a measurement and add where the CPU went (from /proc): the contender's cores,
+    the load generator's, the whole machine's, and the contender's CPU µs per request."""
+    t0, p0, c0, b0 = time.monotonic(), sum(p.cpu_seconds() for p in r.procs), children_cpu(), busy_seconds()
+    value, extras = fn()
+    wall = time.monotonic() - t0
+    proxy = sum(p.cpu_seconds() for p in r.procs) - p0
+    extras = dict(extras, cores_proxy=proxy / wall, cores_client=(children_cpu() - c0) / wall,
+                  cores_busy=(busy_seconds() - b0) / wall)
+    if value > 0:
+        extras["cpu_us"] = proxy / (value * wall) * 1e6
+    return value, extras
 
 
 def loadgen_rate(ctx: Ctx, mode: str, port: int, target: str, duration: float, concurrency: int = 16) -> Measured:
@@ -250,7 +264,7 @@ class ForwardGet(Forward):
     title = "forward proxy GET 1 KiB, new connection per request (ab -c 16, no -k)"
 
     def measure(self, who: str, r: Running, duration: float) -> Measured:
-        return ab(self.origin_url, duration, 16, proxy=r.port)
+        return with_cpu(r, lambda: ab(self.origin_url, duration, 16, proxy=r.port))
 
 
 class ForwardKeepalive(Forward):
@@ -262,7 +276,7 @@ class ForwardKeepalive(Forward):
     def measure(self, who: str, r: Running, duration: float) -> Measured:
         script = self.ctx.work / "absolute-uri.lua"
         script.write_text(f'wrk.path = "{self.origin_url}"\nwrk.headers["Host"] = "127.0.0.1:{self.ctx.origin_port}"\n')
-        return wrk(f"http://127.0.0.1:{r.port}/", duration, 50, script=str(script))
+        return with_cpu(r, lambda: wrk(f"http://127.0.0.1:{r.port}/", duration, 50, script=str(script)))
 
 
 class ForwardConnect(Forward):
@@ -382,6 +396,47 @@ file_server = {{ root = "{self.ctx.www}" }}
 
     def measure(self, who: str, r: Running, duration: float) -> Measured:
         return wrk(f"http://127.0.0.1:{r.port}{self.path}", duration, 50)
+
+
+class Workers(Scenario):
+    """What a second worker process buys on a CPU-bound path (issue #7).
+
+    Both contenders are ours, on the same config: ``workers = 2`` against
+    ``workers = 1`` (the ratio column is the speed-up).  The path is a reverse
+    proxy location answering ``static_response`` over keep-alive, so the
+    proxy's own CPU is all there is; one wrk thread keeps the load generator
+    cheap.  The notes show where the CPU went (proxy cores, wrk cores, busy
+    cores of the machine): on a 2-core machine the load generator shares the
+    cores the workers need.
+    """
+
+    name = "workers"
+    title = "workers = 2 vs 1: reverse static_response \"ok\", keep-alive (wrk -t1 -c50); ratio = speed-up"
+    peers = ("1 worker",)
+
+    def ours_configs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return self.one(self._body(self.p("ours")))
+
+    @staticmethod
+    def _body(port: int) -> str:
+        return f"""[http]
+
+[[http.server]]
+bind_addr = "127.0.0.1:{port}"
+
+[[http.server.location]]
+rule = "/"
+static_response = "ok"
+"""
+
+    def start(self, who: str) -> Running:
+        workers = "2" if who == "ours" else "1"
+        port = self.p(who)
+        proc = peers.ours(self.ctx, f"ours-w{workers}", self._body(port), (port,), workers=workers)
+        return Running([proc], port)
+
+    def measure(self, who: str, r: Running, duration: float) -> Measured:
+        return with_cpu(r, lambda: wrk(f"http://127.0.0.1:{r.port}/", duration, 50))
 
 
 class TlsHandshake(Scenario):
@@ -814,7 +869,7 @@ FACTORIES: list[Callable[[Ctx], Scenario]] = [
     lambda c: TcpRelay(c, 1), lambda c: TcpRelay(c, 8), UdpRelay,
     WsChain, TunnelHttp, TunnelTcp, FleetHop,
     IdleHttp, IdleTcpRelay, IdleConnect,
-    TlsHandshake, lambda c: LimitReqShared(c, 1), lambda c: LimitReqShared(c, 10),
+    TlsHandshake, Workers, lambda c: LimitReqShared(c, 1), lambda c: LimitReqShared(c, 10),
 ]
 
 

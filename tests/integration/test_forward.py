@@ -282,7 +282,7 @@ HOSTILE = {
     "socks_bad_version_after_greeting": (b"\x05\x01\x00\x04\x01\x00\x01", b"\x05\x00"),
     "socks_no_methods": (b"\x05\x00", b"\x05\xff"),
     "socks_bad_atyp": (b"\x05\x01\x00\x05\x01\x00\x09", b"\x05\x00\x05\x08"),
-    "request_line_1mb": (b"GET http://x/" + b"a" * (1 << 20) + b" HTTP/1.1\r\n\r\n", b"431"),
+    "request_line_1mb": (b"GET http://x/" + b"a" * (1 << 20) + b" HTTP/1.1\r\n\r\n", b"414"),
     "200_headers": (b"GET http://x/ HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"\r\n",
                     b"431"),
 }

@@ -135,5 +135,5 @@ def test_same_bytes_out(version: bytes, framing: list[tuple[str, str]]) -> None:
 
 
 def test_the_proxy_uses_the_compiled_one_when_installed() -> None:
-    """With h11-mypyc installed, the forward proxy runs on it."""
+    """With h11-mypyc installed, h11compat gives the compiled one."""
     assert used is fast

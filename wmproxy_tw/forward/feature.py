@@ -56,6 +56,10 @@ class ForwardFeature(Feature):
             modes[proto.mode] = modes.get(proto.mode, 0) + 1
         return {"connections": len(self.factory.active), "by_mode": modes}
 
+    def stop(self) -> None:
+        super().stop()
+        self.factory.stop()
+
     def drain(self) -> Optional[Deferred[Any]]:
         self.factory.drain()
         return None

@@ -22,7 +22,7 @@ import binascii
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "HttpHeadError",
@@ -88,19 +88,30 @@ class RequestHead:
     target: str
     version: str
     headers: tuple[tuple[str, str], ...]
+    #: lower-case name → values, built on the first lookup (a proxy looks up several fields per request)
+    _index: dict[str, list[str]] | None = field(default=None, compare=False, repr=False)
+
+    def _fields(self) -> dict[str, list[str]]:
+        index = self._index
+        if index is None:
+            index = {}
+            for key, value in self.headers:
+                lname = key.lower()
+                if lname in index:
+                    index[lname].append(value)
+                else:
+                    index[lname] = [value]
+            object.__setattr__(self, "_index", index)
+        return index
 
     def get(self, name: str) -> str | None:
         """Value of the first field called ``name`` (case-insensitive), or None."""
-        lname = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lname:
-                return value
-        return None
+        values = self._fields().get(name.lower())
+        return values[0] if values else None
 
     def get_all(self, name: str) -> list[str]:
         """Values of every field called ``name`` (case-insensitive), in order."""
-        lname = name.lower()
-        return [value for key, value in self.headers if key.lower() == lname]
+        return list(self._fields().get(name.lower(), ()))
 
 
 class RequestHeadParser:
@@ -147,6 +158,11 @@ class RequestHeadParser:
         self._header_bytes = 0
         self._head: RequestHead | None = None
         self._leftover = b""
+
+    @property
+    def partial(self) -> bool:
+        """True while part of a head is buffered (between heads: False)."""
+        return bool(self._buf) or self._request_line is not None
 
     def feed(self, data: bytes) -> RequestHead | None:
         """Consume ``data``; return the head once complete, else None.
@@ -466,6 +482,7 @@ _HOP_BY_HOP = frozenset(
         "proxy-authenticate",
     }
 )
+_HOP_BY_HOP_KEEP_UPGRADE = _HOP_BY_HOP - {"upgrade"}
 #: Never removed because Connection names them: dropping framing or routing
 #: fields while forwarding the body would desynchronise the upstream.
 _PROTECTED = frozenset({"content-length", "transfer-encoding", "host"})
@@ -485,16 +502,21 @@ def hop_by_hop_clean(
     are never removed via Connection tokens.
     """
     headers = list(headers)
-    drop = set(_HOP_BY_HOP)
-    for name, value in headers:
-        if name.lower() == "connection":
-            for token in value.split(","):
-                token = token.strip(" \t").lower()
-                if token and _TOKEN_STR.fullmatch(token) and token not in _PROTECTED:
-                    drop.add(token)
-    if keep_upgrade:
-        drop.discard("upgrade")
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    lowered = [name.lower() for name, _ in headers]
+    drop: frozenset[str] | set[str] = _HOP_BY_HOP_KEEP_UPGRADE if keep_upgrade else _HOP_BY_HOP
+    if "connection" in lowered:
+        drop = set(drop)
+        for lname, (_, value) in zip(lowered, headers, strict=True):
+            if lname == "connection":
+                for token in value.split(","):
+                    token = token.strip(" \t").lower()
+                    if token and _TOKEN_STR.fullmatch(token) and token not in _PROTECTED:
+                        drop.add(token)
+        if keep_upgrade:
+            drop.discard("upgrade")
+    elif drop.isdisjoint(lowered):
+        return headers  # the common case: nothing to drop
+    return [pair for pair, lname in zip(headers, lowered, strict=True) if lname not in drop]
 
 
 # -- credentials -----------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The forward proxy: one port, HTTP / HTTPS CONNECT / SOCKS5 by first byte.
 
-The byte-level work is done by sans-IO machines: :mod:`.socks5` for SOCKS5,
-h11 for HTTP/1.1 framing (both directions, keep-alive, chunked bodies), and
-:mod:`.httphead` for request targets, proxy auth and hop-by-hop rules.  This
+The byte-level work is done by sans-IO machines: :mod:`.socks5` for SOCKS5;
+for HTTP/1.1, :mod:`.httphead` (request heads, targets, body framing, proxy
+auth, hop-by-hop rules) on the client side and the small parsers of
+:mod:`wmproxy_tw.reverse.h1` (body decoders, the upstream response parser)
+— about a quarter of the CPU per request h11 took on both legs.  This
 module only wires them to transports; tunnels are handed to the one relay
 (:class:`wmproxy_tw.relay.Splice`).
 """
@@ -10,6 +12,7 @@ module only wires them to transports; tunnels are handed to the one relay
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
@@ -23,17 +26,12 @@ from ..config.grammar import Address
 from ..config.model import Proxy
 from ..connect import TargetPolicy, UpstreamError, connect, quiet_factory
 from ..observe.stats import NULL_STATS, Stats
-from ..h11compat import h11
 from ..relay import CLOSE_GRACE, A, B, Splice, SpliceProtocol
 from . import socks5
-from .httphead import (
-    HttpHeadError,
-    RequestHead,
-    body_framing,
-    hop_by_hop_clean,
-    parse_basic_auth,
-    parse_proxy_target,
-)
+from ..reverse.h1 import (DATA, END, LAST_CHUNK, RESPONSE, BodyError, ChunkedDecoder, LengthDecoder, ResponseError,
+                         ResponseHead, ResponseParser, chunk, reason, request_head)
+from .httphead import (HttpHeadError, RequestHead, RequestHeadParser, body_framing, hop_by_hop_clean,
+                       parse_basic_auth, parse_proxy_target)
 from .udp import UdpAssociation
 
 __all__ = ["ForwardFactory", "ForwardProtocol", "BasicAuth"]
@@ -43,6 +41,10 @@ _log = Logger()
 RESPONSE_TIMEOUT = 60.0  # upstream must start answering within this
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
+MAX_RESPONSE_HEAD = 64 * 1024
+POOL_PER_ORIGIN = 16  # idle upstream connections kept per origin (host, port) ...
+POOL_TOTAL = 256  # ... and in all
+POOL_IDLE = 30.0  # seconds an idle upstream connection is kept (30 to 60 s)
 VIA = "1.1 wmproxy-tw"
 _VIA = VIA.encode()
 
@@ -83,6 +85,7 @@ class ForwardFactory(Factory):
         self.flags = cfg.flag
         self.active: set[ForwardProtocol] = set()
         self.draining = False
+        self.pool = UpstreamPool(reactor)
 
     def buildProtocol(self, addr: Any) -> Optional[Protocol]:
         host = getattr(addr, "host", "")
@@ -99,17 +102,32 @@ class ForwardFactory(Factory):
     def drain(self) -> None:
         """Graceful stop: close idle connections; busy ones close after their response."""
         self.draining = True
+        self.pool.close_all()
         for proto in list(self.active):
             proto.drain()
+
+    def stop(self) -> None:
+        """The feature stops: idle upstream connections are closed."""
+        self.pool.close_all()
 
     def count(self, kind: str, status: int) -> None:
         """One request answered (``kind``: http | socks5)."""
         self.stats.request("forward", kind, "", status)
 
 
+#: States of the HTTP side of a client connection.
+_H_HEAD, _H_BODY, _H_WAIT = 0, 1, 2
+_CONNECT_OK = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+
+
 @implementer(IHalfCloseableProtocol)
 class ForwardProtocol(Protocol):
     """One client connection of the forward proxy."""
+
+    # slots: an idle keep-alive connection's own attributes cost 8 bytes each, no dict to outgrow
+    __slots__ = ("f", "reactor", "mode", "splice", "socks", "udp", "upstream", "_deadline", "_closed", "peer",
+                 "parser", "hstate", "decoder", "rechunk_up", "held", "keep", "client_eof", "pending_upgrade",
+                 "no_body", "resp_started", "rechunk_down", "head_out", "client11")
 
     transport: Any
 
@@ -120,11 +138,25 @@ class ForwardProtocol(Protocol):
         self.splice: Optional[Splice] = None
         self.socks: Optional[socks5.Socks5Server] = None
         self.udp: Optional[UdpAssociation] = None
-        self.http: Optional[h11.Connection] = None
         self.upstream: Optional[HttpUpstream] = None
-        self.pending_upgrade = False
         self._deadline: Optional[IDelayedCall] = None
         self._closed = False
+        # HTTP: created when the first byte says HTTP
+        self.parser: Optional[RequestHeadParser] = None
+
+    def _http_init(self) -> None:
+        self.parser = RequestHeadParser(max_line=MAX_HEAD, max_header_bytes=MAX_HEAD, max_headers=MAX_HEADERS)
+        self.hstate = _H_HEAD
+        self.decoder: Any = None  # LengthDecoder | ChunkedDecoder of the request body
+        self.rechunk_up = False  # the request body goes upstream re-chunked
+        self.held = b""  # client bytes after the current request (pipelined), reading paused
+        self.keep = True  # the client connection outlives this exchange
+        self.client_eof = False
+        self.pending_upgrade = False
+        self.no_body = False  # HEAD request: the response has no body
+        self.resp_started = False
+        self.rechunk_down = False  # the response goes to the client re-chunked
+        self.head_out = b""  # a response head held back until its first body bytes
 
     # -- connection --------------------------------------------------------
     def connectionMade(self) -> None:
@@ -133,7 +165,13 @@ class ForwardProtocol(Protocol):
         self._arm(self.f.cfg.header_timeout)
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
+        """(Re)start the one deadline of this connection."""
+        dl = self._deadline
+        if dl is not None and dl.active():
+            if self.reactor.seconds() + seconds >= dl.getTime():
+                dl.reset(seconds)  # later: cheap (moving a call sooner searches the whole timer heap)
+                return
+            dl.cancel()
         self._deadline = self.reactor.callLater(seconds, self._deadline_passed)
 
     def _disarm(self) -> None:
@@ -143,10 +181,17 @@ class ForwardProtocol(Protocol):
 
     def _deadline_passed(self) -> None:
         self._deadline = None
-        if self.mode == "http" and self.http is not None and self.http.their_state is h11.SEND_BODY:
-            return
-        if self.mode == "http" and self.http is not None:
-            if self.http.their_state is h11.IDLE and self.http.our_state is h11.IDLE and self._partial():
+        if self.mode == "http":
+            if self.hstate == _H_HEAD and self.upstream is not None and not self.upstream.done:
+                return  # a response is still streaming (the request was answered early)
+            if self.hstate != _H_HEAD:
+                up = self.upstream
+                if up is not None and not up.got_response:
+                    self.upstream = None
+                    up.close()
+                    self.upstream_failed(UpstreamError(504, f"no response from {up.key[0]}:{up.key[1]} in time"))
+                return
+            if self._partial():
                 self._http_error(408, "request head not received in time")
             else:
                 self._close()  # idle keep-alive connection: a quiet close
@@ -156,8 +201,7 @@ class ForwardProtocol(Protocol):
 
     def _partial(self) -> bool:
         """True when part of a request head is buffered (slow client), not just idle."""
-        assert self.http is not None
-        return bool(self.http.trailing_data[0])
+        return self.parser is not None and self.parser.partial
 
     def dataReceived(self, data: bytes) -> None:
         if self.mode == "relay":
@@ -180,15 +224,15 @@ class ForwardProtocol(Protocol):
                     self._abort()
                     return
                 self.mode = "http"
-                self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+                self._http_init()
                 self._http_data(data)
         # "connecting", "udp", "closing": input is ignored (the transport is paused)
 
     def readConnectionLost(self) -> None:
         if self.mode == "relay" and self.splice is not None:
             self.splice.read_closed(A)
-        elif self.mode == "http" and self.http is not None:
-            self._http_data(b"")
+        elif self.mode == "http":
+            self._http_eof()
         else:
             self._close()
 
@@ -204,9 +248,16 @@ class ForwardProtocol(Protocol):
         if self.udp is not None:
             self.udp.close()
             self.udp = None
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
+        self._release_upstream()
+
+    def _release_upstream(self) -> None:
+        """Done with the upstream connection: to the shared pool if it can carry another request."""
+        up = self.upstream
+        if up is None:
+            return
+        self.upstream = None
+        if self.hstate == _H_BODY or not self.f.pool.put(up):
+            up.close()
 
     def _close(self) -> None:
         if not self._closed:
@@ -222,16 +273,22 @@ class ForwardProtocol(Protocol):
         if self._closed or self.mode == "closing":
             return
         self.mode = "closing"
+        if self.head_out:  # a head held back for its first body bytes still goes out
+            self.transport.write(self.head_out)
+            self.head_out = b""
         self.transport.loseConnection()
+        self._disarm()
         self._deadline = self.reactor.callLater(CLOSE_GRACE, self._abort)
 
     def drain(self) -> None:
         """Close now if between requests; otherwise after the current response."""
         if self.mode == "detect":
             self._close()
-        elif self.mode == "http" and self.http is not None:
-            if self.http.their_state is h11.IDLE and self.http.our_state is h11.IDLE and not self._partial():
-                self._close()
+        elif self.mode == "http" and self._between_requests() and not self._partial():
+            self._close()
+
+    def _between_requests(self) -> bool:
+        return self.hstate == _H_HEAD and (self.upstream is None or self.upstream.done)
 
     # -- tunnels (CONNECT and SOCKS5 CONNECT) --------------------------------
     def _open_tunnel(self, host: str, port: int, on_ok: Any, on_fail: Any, leftover: bytes = b"") -> None:
@@ -266,7 +323,6 @@ class ForwardProtocol(Protocol):
                 on_fail(err)
 
         d.addCallbacks(ok, fail)
-
     # -- SOCKS5 ----------------------------------------------------------------
     def _socks_data(self, data: bytes) -> None:
         assert self.socks is not None
@@ -341,81 +397,60 @@ class ForwardProtocol(Protocol):
 
     # -- HTTP --------------------------------------------------------------------
     def _http_data(self, data: bytes) -> None:
-        assert self.http is not None
-        if data:
-            self.http.receive_data(data)
+        st = self.hstate
+        if st == _H_HEAD:
+            self._http_head(data)
+        elif st == _H_BODY:
+            self._request_body(data)
         else:
-            self.http.receive_data(b"")  # EOF
-        self._http_events()
+            self._hold(data)
 
-    def _http_events(self) -> None:
-        conn = self.http
-        assert conn is not None
-        while self.mode == "http":
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as e:
-                status = e.error_status_hint
-                self._http_error(status, f"bad request: {e}")
-                return
-            if event is h11.NEED_DATA:
-                if conn.their_state is h11.DONE and conn.our_state is h11.DONE:
-                    return
-                return
-            if event is h11.PAUSED:
-                # the current response is still being sent: stop reading until then
-                self.transport.pauseProducing()
-                return
-            if isinstance(event, h11.Request):
-                self._disarm()
-                self._http_request(event)
-            elif isinstance(event, h11.Data):
-                self.f.meter.inbound(len(event.data))
-                if self.upstream is not None:
-                    self.upstream.send(event)
-            elif isinstance(event, h11.EndOfMessage):
-                if self.upstream is not None:
-                    self.upstream.send(event)
-            elif isinstance(event, h11.ConnectionClosed):
-                if self.upstream is None or self.upstream.done:
-                    self._close()
-                return
+    def _hold(self, data: bytes) -> None:
+        """Bytes after the current request (pipelined): kept, reading paused until the response ends."""
+        self.held += data
+        self.transport.pauseProducing()
+
+    def _http_head(self, data: bytes) -> None:
+        parser = self.parser
+        assert parser is not None
+        try:
+            head = parser.feed(data)
+        except HttpHeadError as e:
+            self._http_error(e.status, f"bad request: {e.message}")
+            return
+        if head is not None:
+            self._http_request(head, parser.take_leftover())
+
+    def _http_eof(self) -> None:
+        if self.hstate == _H_WAIT:
+            # the client half-closed after its request: answer it, then close
+            self.client_eof = True
+            self.keep = False
+            if self.upstream is None:
+                self._close()
+        else:
+            self._close()
 
     def _http_error(self, status: int, message: str, extra: list[tuple[str, str]] | None = None) -> None:
-        """Answer with a short plain-text error, then close."""
-        conn = self.http
+        """Answer with a short plain-text error, then close (only close if a response has started)."""
         self.f.count("http", status)
-        body = (message.strip() + "\n").encode()
-        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-                   ("Connection", "close")] + (extra or [])
-        if conn is not None and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            try:
-                out = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b"")))
-                out += conn.send(h11.Data(data=body)) or b""
-                out += conn.send(h11.EndOfMessage()) or b""
-                self.transport.write(out)
-            except h11.LocalProtocolError:
-                self.transport.write(_raw_response(status, headers, body))
-        elif conn is None or conn.our_state is not h11.SEND_BODY:
+        if not self.resp_started:
+            body = (message.strip() + "\n").encode()
+            headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+                       ("Connection", "close")] + (extra or [])
             self.transport.write(_raw_response(status, headers, body))
         self.mode = "closing"
         self._close()
 
-    def _http_request(self, ev: h11.Request) -> None:
-        if len(ev.headers) > MAX_HEADERS:
-            self._http_error(431, f"more than {MAX_HEADERS} header fields")
-            return
-        method = ev.method.decode("ascii", "replace")
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in ev.headers]
-        head = RequestHead(method, ev.target.decode("latin-1"), "HTTP/" + ev.http_version.decode(), tuple(headers))
+    def _http_request(self, head: RequestHead, rest: bytes) -> None:
         if self.f.auth is not None and not self.f.auth.check_header(head.get("Proxy-Authorization")):
-            _log.info("forward proxy: {client}: {m} without valid credentials", client=self.peer.host, m=method)
+            _log.info("forward proxy: {client}: {m} without valid credentials", client=self.peer.host, m=head.method)
             self._http_error(407, "proxy authentication required",
                              [("Proxy-Authenticate", 'Basic realm="wmproxy"')])
             return
         try:
             target = parse_proxy_target(head)
-            body_framing(head)  # CL+TE, differing CL, obfuscated TE: 400, never passed upstream
+            kind, length = body_framing(head)
         except HttpHeadError as e:
             self._http_error(e.status, str(e))
             return
@@ -426,279 +461,491 @@ class ForwardProtocol(Protocol):
         if target.kind == "connect":
             if "https" not in self.f.flags:
                 self._http_error(405, "CONNECT is not enabled on this proxy")
-                return
-            self._http_connect(target.host, target.port)
+            elif kind == "chunked" or length:
+                self._http_error(400, "a CONNECT request has no body")
+            else:
+                self._http_connect(target.host, target.port, rest)
             return
         if "http" not in self.f.flags:
             self._http_error(405, "plain HTTP proxying is not enabled on this proxy")
             return
         upgrade = (head.get("Upgrade") or "").lower() == "websocket"
-        # h11 validated every field when it parsed them; the method and target are checked again
-        req = h11.Request(method=ev.method, target=(target.path or "/").encode("latin-1"),
-                          headers=_forwarded(headers, upgrade), _parsed=True)
         self.pending_upgrade = upgrade
+        self.client11 = head.version == "HTTP/1.1"
+        self.keep = self.client11 and not _asks_close(head.get_all("Connection"))
+        self.no_body = head.method == "HEAD"
+        self.resp_started = False
+        headers = _forwarded(head.headers, upgrade)
+        if head.get("Host") is None:
+            host = f"[{target.host}]" if ":" in target.host else target.host
+            headers.insert(0, ("Host", host if target.port == 80 else f"{host}:{target.port}"))
+        method = head.method.encode("ascii")
+        raw = request_head(method, (target.path or "/").encode("ascii"), headers)
+        if kind == "chunked":
+            self.decoder, self.rechunk_up = ChunkedDecoder(), True
+        elif length:
+            self.decoder, self.rechunk_up = LengthDecoder(length), False
+        else:
+            self.decoder = None
+        self.hstate = _H_BODY if self.decoder is not None else _H_WAIT
         key = (target.host, target.port)
         up = self.upstream
-        if up is not None and up.key == key and up.reusable():
-            up.start(req)
-        else:
-            if up is not None:
-                up.close()
-            self.upstream = HttpUpstream(self, key)
-            self.upstream.start(req)
+        if up is not None and (up.key != key or not up.reusable()):
+            self._release_upstream()
+            up = None
+        if up is None:
+            # a pooled connection only for a request without a body: one the origin closed
+            # meanwhile is then retried on a new connection (the head is all there is to resend)
+            up = self.f.pool.take(key, self) if self.decoder is None else None
+            self.upstream = up = up or HttpUpstream(self, key)
+        self._arm(RESPONSE_TIMEOUT)
+        up.start(method, raw, retry=self.decoder is None)
+        if rest and self.mode == "http":
+            self._http_data(rest)
 
-    def _http_connect(self, host: str, port: int) -> None:
-        conn = self.http
-        assert conn is not None
-
+    def _request_body(self, data: bytes) -> None:
         try:
-            end = conn.next_event()
-        except h11.RemoteProtocolError as e:
-            self._http_error(400, f"bad request: {e}")
+            chunks, done, rest = self.decoder.feed(data)
+        except BodyError as e:
+            if self.upstream is not None:
+                self.upstream.close()
+                self.upstream = None
+            self._http_error(e.status, f"bad request body: {e.message}")
             return
-        if not isinstance(end, h11.EndOfMessage):
-            self._http_error(400, "a CONNECT request has no body")
-            return
+        up = self.upstream
+        for c in chunks:
+            self.f.meter.inbound(len(c))
+            if up is not None:
+                up.write_seq(chunk(c)) if self.rechunk_up else up.write(c)
+        if done:
+            self.decoder = None
+            self.hstate = _H_WAIT
+            if self.rechunk_up and up is not None:
+                up.write(LAST_CHUNK)
+            if rest:
+                self._hold(rest)
 
+    def _http_connect(self, host: str, port: int, rest: bytes) -> None:
         def ok(proto: Protocol) -> bytes:
-            self.transport.write(conn.send(h11.Response(status_code=200, headers=[], reason=b"Connection Established")))
+            self.transport.write(_CONNECT_OK)
             self.f.count("http", 200)
-            # bytes the client sent after the CONNECT head belong to the tunnel
-            trailing, _closed = conn.trailing_data
-            return bytes(trailing)
+            return b""
 
         def fail(err: UpstreamError) -> None:
             self.mode = "http"
             self._http_error(err.status, err.reason)
 
-        self._open_tunnel(host, port, ok, fail)
+        self._disarm()
+        # bytes the client sent after the CONNECT head belong to the tunnel
+        self._open_tunnel(host, port, ok, fail, rest)
 
     # called by HttpUpstream ------------------------------------------------------
+    def upstream_retry(self, old: HttpUpstream, method: bytes, head: bytes) -> None:
+        """A reused connection closed before answering: the same request on a new one."""
+        up = self.upstream = HttpUpstream(self, old.key)
+        up.start(method, head, retry=False)
+
     def upstream_failed(self, err: UpstreamError) -> None:
-        conn = self.http
-        assert conn is not None
-        if conn.our_state is h11.SEND_RESPONSE:
+        if self.mode != "http":
+            return
+        if not self.resp_started:
             self._http_error(err.status, err.reason)
         else:
             # the response had started: never pass a truncated body off as complete
             self._close_incomplete()
 
-    def upstream_response(self, ev: h11.Response | h11.InformationalResponse) -> None:
-        conn = self.http
-        assert conn is not None
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in ev.headers]
-        switching = ev.status_code == 101 and self.pending_upgrade
-        hdrs = _forwarded(headers, switching)
-        if isinstance(ev, h11.InformationalResponse):
-            if ev.status_code == 101 and not switching:
-                return
-            self.transport.write(conn.send(h11.InformationalResponse(status_code=ev.status_code, headers=hdrs,
-                                                                     reason=ev.reason, _parsed=True)))
-            if switching:
-                self.f.count("http", 101)
-                self._switch_to_relay()
+    def upstream_info(self, head: ResponseHead) -> None:
+        """A 1xx response: passed on (101 only when the client asked to upgrade)."""
+        switching = head.status == 101 and self.pending_upgrade
+        if head.status == 101 and not switching:
+            up = self.upstream
+            self.upstream = None
+            if up is not None:
+                up.close()
+            self.upstream_failed(UpstreamError(502, "the upstream switched protocols unasked"))
             return
-        self.f.count("http", ev.status_code)
-        self.transport.write(conn.send(h11.Response(status_code=ev.status_code, headers=hdrs, reason=ev.reason,
-                                                    _parsed=True)))
+        hdrs = _forwarded(_text_fields(head.headers), switching)
+        self.transport.write(_response_head(head.status, head.reason, hdrs))
+        if switching:
+            self.f.count("http", 101)
+            self._switch_to_relay()
+
+    def upstream_response(self, head: ResponseHead) -> None:
+        self._disarm()
+        self.resp_started = True
+        self.f.count("http", head.status)
+        fields = _text_fields(head.headers)
+        hdrs = _forwarded(fields, False)
+        self.rechunk_down = False
+        length_body = False
+        if not (self.no_body or head.status in (204, 304)):
+            names = {k.lower() for k, _ in fields}
+            length_body = "content-length" in names  # (never with Transfer-Encoding: the parser refuses that)
+            if "transfer-encoding" in names:  # the parser decodes it; it goes out re-chunked
+                self.rechunk_down = self.client11
+            elif "content-length" not in names and self.client11:  # close-delimited upstream
+                hdrs.append(("Transfer-Encoding", "chunked"))
+                self.rechunk_down = True
+            if not self.rechunk_down and "content-length" not in names:
+                hdrs = [h for h in hdrs if h[0] != "Transfer-Encoding"]
+                self.keep = False  # an HTTP/1.0 client reads to the close
+        if not self.keep:
+            hdrs.append(("Connection", "close"))
+        out = _response_head(head.status, head.reason, hdrs)
+        if length_body:
+            # the head goes out with the first body bytes (one send, not two, when the upstream
+            # sent them apart, as nginx does with sendfile)
+            self.head_out = out
+        else:
+            self.transport.write(out)
 
     def upstream_data(self, data: bytes) -> None:
-        assert self.http is not None
         self.f.meter.outbound(len(data))
-        self.transport.write(self.http.send(h11.Data(data=data)))
+        if self.rechunk_down:
+            self.transport.writeSequence(chunk(data))
+        elif self.head_out:
+            self.transport.writeSequence((self.head_out, data))
+            self.head_out = b""
+        else:
+            self.transport.write(data)
 
     def upstream_done(self) -> None:
-        conn = self.http
-        assert conn is not None
-        self.transport.write(conn.send(h11.EndOfMessage()))
-        if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE or self.f.draining:
+        if self.rechunk_down:
+            self.transport.write(LAST_CHUNK)
+        elif self.head_out:
+            self.transport.write(self.head_out)
+            self.head_out = b""
+        if not self.keep or self.f.draining or self.hstate != _H_WAIT:
+            # (a response that ended before its request body did leaves the client stream unusable)
             self.mode = "closing"
+            self._release_upstream()  # before the close: a closing client stops its producers
             self._close()
             return
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            self._arm(self.f.cfg.keepalive_timeout)
+        self.hstate = _H_HEAD
+        self.resp_started = False
+        self._arm(self.f.cfg.keepalive_timeout)
+        held, self.held = self.held, b""
+        if held:
             self.transport.resumeProducing()
-            self._http_events()
+            self._http_data(held)
 
     def _switch_to_relay(self) -> None:
         """A WebSocket upgrade was accepted upstream: splice the raw bytes."""
-        assert self.http is not None and self.upstream is not None
+        assert self.upstream is not None
         up = self.upstream
         self.upstream = None
+        self._disarm()
         splice = Splice(self.reactor, idle_timeout=self.f.cfg.idle_timeout, meter=self.f.meter)
         self.splice = splice
         self.mode = "relay"
-        trailing_client, _ = self.http.trailing_data
         trailing_up = up.detach_to(splice)
         splice.attach(A, self.transport)
         if trailing_up:
             splice.received(B, trailing_up)
-        if trailing_client:
-            splice.received(A, bytes(trailing_client))
+        held, self.held = self.held, b""
+        if held:
+            self.transport.resumeProducing()
+            splice.received(A, held)
+
+
+class UpstreamPool:
+    """Idle keep-alive upstream connections, shared by the clients of one forward proxy.
+
+    A client done with its upstream connection parks it here (at most
+    ``POOL_PER_ORIGIN`` per origin, ``POOL_TOTAL`` in all); a request to the
+    same origin takes the most recently parked one instead of dialling.  One
+    timer for the whole pool closes those idle longer than ``POOL_IDLE``.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.idle: dict[tuple[str, int], list[HttpUpstream]] = {}
+        self.count = 0
+        self.closed = False
+        self._sweep: Optional[IDelayedCall] = None
+
+    def take(self, key: tuple[str, int], client: ForwardProtocol) -> Optional[HttpUpstream]:
+        conns = self.idle.get(key)
+        while conns:
+            up = conns.pop()
+            self.count -= 1
+            if not conns:
+                del self.idle[key]
+            if up.reusable():
+                up.adopt(client)
+                return up
+            up.close()
+        return None
+
+    def put(self, up: HttpUpstream) -> bool:
+        if self.closed or self.count >= POOL_TOTAL or not up.reusable():
+            return False
+        conns = self.idle.setdefault(up.key, [])
+        if len(conns) >= POOL_PER_ORIGIN:
+            return False
+        up.park(self, self.reactor.seconds())
+        conns.append(up)
+        self.count += 1
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(POOL_IDLE, self._expire)
+        return True
+
+    def discard(self, up: HttpUpstream) -> None:
+        conns = self.idle.get(up.key)
+        if conns and up in conns:
+            conns.remove(up)
+            self.count -= 1
+            if not conns:
+                del self.idle[up.key]
+
+    def _expire(self) -> None:
+        self._sweep = None
+        limit = self.reactor.seconds() - POOL_IDLE
+        for conns in list(self.idle.values()):
+            for up in [u for u in conns if u.parked_at <= limit]:
+                self.discard(up)
+                up.close()
+        if self.count:
+            self._sweep = self.reactor.callLater(POOL_IDLE, self._expire)
+
+    def close_all(self) -> None:
+        """Close every idle connection and park no more (graceful stop)."""
+        self.closed = True
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        idle, self.idle, self.count = self.idle, {}, 0
+        for conns in idle.values():
+            for up in conns:
+                up.close()
 
 
 class HttpUpstream(Protocol):
-    """One upstream HTTP/1.1 connection serving a client's requests in turn."""
+    """One upstream HTTP/1.1 connection serving requests in turn (parked in the pool between clients)."""
+
+    __slots__ = ("client", "key", "pool", "parked_at", "served", "got_bytes", "retry", "parser", "connected",
+                 "dialling", "queue", "done", "closed", "got_response", "splice", "sent_at")
 
     transport: Any
 
     def __init__(self, client: ForwardProtocol, key: tuple[str, int]) -> None:
-        self.client = client
+        self.client: Optional[ForwardProtocol] = client
         self.key = key
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.pool: Optional[UpstreamPool] = None  # while parked
+        self.parked_at = 0.0
+        self.served = 0  # requests started on this connection
+        self.got_bytes = False  # any byte of the current response arrived
+        self.retry: Optional[tuple[bytes, bytes]] = None  # (method, head) to resend if a reused one closes
+        self.parser = ResponseParser(max_head=MAX_RESPONSE_HEAD)
         self.connected = False
-        self.queue: list[Any] = []
-        self.done = False
+        self.dialling = False
+        self.queue: list[bytes] = []
+        self.done = True  # no exchange in progress
         self.closed = False
         self.got_response = False
-        self._timer: Optional[IDelayedCall] = None
         self.splice: Optional[Splice] = None
-        self.sent_at: Optional[float] = None
+        self.sent_at = 0.0
 
     def reusable(self) -> bool:
-        return bool(not self.closed and self.connected and self.h11.our_state is h11.IDLE
-                    and self.h11.their_state is h11.IDLE)
+        return bool(self.connected and not self.closed and self.done and self.parser.reusable
+                    and not self.transport.disconnecting)
 
-    def start(self, req: h11.Request) -> None:
+    def start(self, method: bytes, head: bytes, retry: bool = False) -> None:
+        """Send one request head (its body follows through :meth:`write`).
+
+        ``retry``: the request has no body, so if this connection was used
+        before and closes without a byte of answer, it is resent on a new one.
+        """
+        assert self.client is not None
         self.done = False
         self.got_response = False
+        self.got_bytes = False
+        self.served += 1
+        self.retry = (method, head) if retry and self.served > 1 else None
         self.sent_at = self.client.reactor.seconds()
-        if self.connected:
-            self.send(req)
-            return
-        self.queue.append(req)
-        if len(self.queue) == 1:
+        self.parser.expect(method)
+        self.write(head)
+        if not self.connected and not self.dialling:
+            self.dialling = True
             host, port = self.key
             d = connect(self.client.reactor, host, port, quiet_factory(lambda: self),
                         timeout=self.client.f.cfg.connect_timeout, policy=self.client.f.policy)
             d.addErrback(self._connect_failed)
 
+    def write(self, data: bytes) -> None:
+        if self.connected:
+            if not self.closed:
+                self.transport.write(data)
+        else:
+            self.queue.append(data)
+
+    def write_seq(self, parts: list[bytes]) -> None:
+        if self.connected:
+            if not self.closed:
+                self.transport.writeSequence(parts)
+        else:
+            self.queue.extend(parts)
+
+    def park(self, pool: UpstreamPool, now: float) -> None:
+        """Between clients: no producer links, reading (to notice a close), no client."""
+        client = self.client
+        if client is not None:
+            _unregister(client.transport, self.transport)
+            _unregister(self.transport, client.transport)
+        self.transport.resumeProducing()  # (the client's back-pressure may have paused it)
+        self.client = None
+        self.pool = pool
+        self.parked_at = now
+
+    def adopt(self, client: ForwardProtocol) -> None:
+        self.pool = None
+        self.client = client
+        client.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(client.transport, True)
+
     def _connect_failed(self, f: Failure) -> None:
         self.closed = True
         err = f.value if isinstance(f.value, UpstreamError) else UpstreamError(502, str(f.value))
-        if self.client.upstream is self:
+        if self.client is not None and self.client.upstream is self:
             self.client.upstream = None
             self.client.upstream_failed(err)
 
     def connectionMade(self) -> None:
-        if self.client._closed:
+        if self.client is None or self.client._closed or self.closed:
+            self.closed = True
             self.transport.loseConnection()
             return
         self.connected = True
         self.client.transport.registerProducer(self.transport, True)
         self.transport.registerProducer(self.client.transport, True)
         queue, self.queue = self.queue, []
-        for ev in queue:
-            self.send(ev)
-
-    def send(self, ev: Any) -> None:
-        if not self.connected:
-            self.queue.append(ev)
-            return
-        try:
-            data = self.h11.send(ev)
-        except h11.LocalProtocolError as e:
-            self.client.upstream_failed(UpstreamError(502, f"cannot forward the request: {e}"))
-            return
-        if data:
-            self.transport.write(data)
-        if isinstance(ev, (h11.Request,)) and self._timer is None:
-            self._timer = self.client.reactor.callLater(RESPONSE_TIMEOUT, self._response_timeout)
-
-    def _response_timeout(self) -> None:
-        self._timer = None
-        if not self.got_response:
-            self.client.upstream_failed(UpstreamError(504, f"no response from {self.key[0]}:{self.key[1]} in time"))
-            self.close()
+        self.transport.writeSequence(queue)
 
     def dataReceived(self, data: bytes) -> None:
         if self.splice is not None:
             self.splice.received(B, data)
             return
-        self.h11.receive_data(data)
-        self._events()
+        if self.client is None:  # bytes nobody asked for, while parked
+            self._unpark()
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            events = self.parser.feed(data)
+        except ResponseError as e:
+            self._bad(f"bad response from upstream: {e}")
+            return
+        self._events(events)
 
-    def _events(self) -> None:
-        while self.splice is None:
-            try:
-                ev = self.h11.next_event()
-            except h11.RemoteProtocolError as e:
-                self.client.upstream_failed(UpstreamError(502, f"bad response from upstream: {e}"))
-                self.close()
+    def _unpark(self) -> None:
+        if self.pool is not None:
+            self.pool.discard(self)
+            self.pool = None
+
+    def _bad(self, why: str) -> None:
+        client = self.client
+        self.close()
+        if client is not None and client.upstream is self:
+            client.upstream = None
+            client.upstream_failed(UpstreamError(502, why))
+
+    def _events(self, events: list[tuple[int, Any]]) -> None:
+        client = self.client
+        assert client is not None
+        for kind, value in events:
+            if client.upstream is not self:
+                return  # the client gave up on this exchange
+            if kind == DATA:
+                client.upstream_data(value)
+            elif kind == END:
+                self.done = True
+                client.upstream_done()
                 return
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                return
-            if isinstance(ev, (h11.Response, h11.InformationalResponse)):
-                if isinstance(ev, h11.Response) or ev.status_code == 101:
-                    if not self.got_response and self.sent_at is not None:
-                        f = self.client.f
+            else:  # RESPONSE or INFO
+                if kind == RESPONSE or value.status == 101:
+                    if not self.got_response:
+                        f = client.f
                         f.stats.upstream_latency("forward", "direct", "", f.reactor.seconds() - self.sent_at)
                     self.got_response = True
-                    if self._timer is not None and self._timer.active():
-                        self._timer.cancel()
-                    self._timer = None
-                self.client.upstream_response(ev)
-            elif isinstance(ev, h11.Data):
-                self.client.upstream_data(bytes(ev.data))
-            elif isinstance(ev, h11.EndOfMessage):
-                self.done = True
-                if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-                    self.h11.start_next_cycle()
-                self.client.upstream_done()
-                return
-            elif isinstance(ev, h11.ConnectionClosed):
-                return
+                if kind == RESPONSE:
+                    client.upstream_response(value)
+                else:
+                    client.upstream_info(value)
+                    if self.splice is not None:
+                        return
 
     def detach_to(self, splice: Splice) -> bytes:
         """Hand this connection to a splice (after a 101): return unread bytes."""
+        assert self.client is not None
         self.splice = splice
-        trailing, _ = self.h11.trailing_data
         _unregister(self.client.transport, self.transport)
         _unregister(self.transport, self.client.transport)
         splice.attach(B, self.transport)
-        return bytes(trailing)
+        return self.parser.trailing
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
         if self.splice is not None:
             self.splice.lost(B, reason)
             return
-        _unregister(self.client.transport, self.transport)
-        if self.done or self.client.upstream is not self:
+        client = self.client
+        if client is None:  # parked: the origin closed an idle connection
+            self._unpark()
+            return
+        _unregister(client.transport, self.transport)
+        if self.done or client.upstream is not self:
+            return
+        if self.retry is not None and not self.got_bytes:
+            # a reused connection the origin closed as the request went out: once more, on a new one
+            method, head = self.retry
+            client.upstream_retry(self, method, head)
             return
         try:
-            self.h11.receive_data(b"")
-        except h11.RemoteProtocolError:
-            pass
-        self._events()
-        if not self.done and self.client.upstream is self:
-            self.client.upstream_failed(UpstreamError(502, "upstream closed the connection"))
+            events = self.parser.eof()
+        except ResponseError:
+            self._bad("upstream closed the connection")
+            return
+        self._events(events)
 
     def close(self) -> None:
         if self.connected and not self.closed:
-            _unregister(self.client.transport, self.transport)
-            _unregister(self.transport, self.client.transport)
+            if self.client is not None:
+                _unregister(self.client.transport, self.transport)
+                _unregister(self.transport, self.client.transport)
             self.transport.loseConnection()
         self.closed = True
 
 
-def _forwarded(headers: list[tuple[str, str]], upgrade: bool) -> list[tuple[bytes, bytes]]:
+def _text_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+
+
+def _asks_close(values: list[str]) -> bool:
+    """Whether Connection field values carry the ``close`` token."""
+    return any(t.strip(" \t").lower() == "close" for v in values for t in v.split(","))
+
+
+def _forwarded(headers: Sequence[tuple[str, str]], upgrade: bool) -> list[tuple[str, str]]:
     """The fields to pass on: hop-by-hop ones dropped, framing re-stated, Via added.
 
-    The input comes from h11's parser (every name and value already checked),
-    so the event built from the result may skip h11's validation (``_parsed``).
+    The input comes from our strict parsers (every name and value already checked).
+    A body with a Transfer-Encoding goes on re-chunked, so the field says just ``chunked``.
     """
-    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in hop_by_hop_clean(headers, keep_upgrade=upgrade)
-           if k.lower() != "transfer-encoding"]
-    if any(k.lower() == "transfer-encoding" for k, _ in headers):
-        out.append((b"Transfer-Encoding", b"chunked"))
+    out = [(k, v) for k, v in hop_by_hop_clean(headers, keep_upgrade=upgrade) if k.lower() != "transfer-encoding"]
+    if len(out) != len(headers) and any(k.lower() == "transfer-encoding" for k, _ in headers):
+        out.append(("Transfer-Encoding", "chunked"))
     if upgrade:
-        out.append((b"Connection", b"Upgrade"))
-    out.append((b"Via", _VIA))
+        out.append(("Connection", "Upgrade"))
+    out.append(("Via", VIA))
     return out
+
+
+def _response_head(status: int, reason_: bytes, headers: list[tuple[str, str]]) -> bytes:
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_ or reason(status).encode())]
+    for k, v in headers:
+        lines.append(f"{k}: {v}\r\n".encode("latin-1"))
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def _unregister(consumer: Any, producer: Any) -> None:
@@ -711,11 +958,7 @@ def _unregister(consumer: Any, producer: Any) -> None:
 _SOCKS_STATUS = {socks5.REP_CONNECTION_NOT_ALLOWED: 403, socks5.REP_TTL_EXPIRED: 504,
                  socks5.REP_COMMAND_NOT_SUPPORTED: 501, socks5.REP_GENERAL_FAILURE: 500}
 
-_REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed", 407: b"Proxy Authentication Required",
-            408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large",
-            502: b"Bad Gateway", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported"}
-
 
 def _raw_response(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, b'').decode()}"] + [f"{k}: {v}" for k, v in headers]
+    lines = [f"HTTP/1.1 {status} {reason(status)}"] + [f"{k}: {v}" for k, v in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
