@@ -199,11 +199,17 @@ def test_http1_versions_accepted(version: str) -> None:
     assert head_of(f"GET / {version}\r\n\r\n".encode()).version == version
 
 
-def test_binary_without_lf_hits_line_limit() -> None:
-    """Binary input with no LF (e.g. a TLS ClientHello) fails with 414 at max_line."""
-    parser = RequestHeadParser(max_line=8)
+def test_binary_without_lf_fails_at_its_first_byte() -> None:
+    """Binary input with no LF (a TLS ClientHello, a SOCKS4 greeting) is no method token: 400 at the
+    first byte, not at the header deadline; a token still being received waits for more."""
+    for noise in (b"\x16\x03\x01\x02\x00\x01", b"\x04\x01\x00\x50", b"GET\x00"):
+        parser = RequestHeadParser(max_line=8192)
+        with pytest.raises(HttpHeadError) as info:
+            parse(bytewise(noise), parser)
+        assert info.value.status == 400, noise
+    assert RequestHeadParser().feed(b"\r\nPROPFI") is None
     with pytest.raises(HttpHeadError) as info:
-        parse(bytewise(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"), parser)
+        RequestHeadParser(max_line=8).feed(b"GETGETGETGET")
     assert info.value.status == 414
 
 

@@ -255,6 +255,13 @@ class RequestHeadParser:
         if self._request_line is None:
             if partial > self.max_line:
                 raise HttpHeadError(414, "request-line too long")
+            # a method must be a token: bytes that cannot start a request (a SOCKS4 greeting, TLS,
+            # binary noise) get their 400 now, not at the header deadline
+            method = bytes(self._buf[self._off : self._off + min(partial, 32)]).split(b" ", 1)[0]
+            if method.endswith(b"\r"):
+                method = method[:-1]
+            if method and not _TOKEN.fullmatch(method):
+                raise HttpHeadError(400, "malformed request-line")
         else:
             if partial > self.max_line:
                 raise HttpHeadError(431, "header line too long")
