@@ -159,7 +159,7 @@ async def test_node_records_status_and_expiry(redis_server: Any) -> None:
         assert [n["node_id"] for n in await fleets[0].nodes()] == ["n1", "n2"]
         # a node that dies (no more heartbeats, no goodbye) expires with its lease (1 s)
         fleets[1]._beat.stop()
-        fleets[1].leave = lambda: None  # type: ignore[method-assign]  # it "died": no goodbye
+        fleets[1].leave = lambda: defer.succeed(None)  # type: ignore[method-assign]  # it "died": no goodbye
         await deferLater(1.2)
         assert [n["node_id"] for n in await fleets[0].nodes()] == ["n1"]
         assert await fleets[0].redis.execute("TTL", "t:node:n1") >= 0  # every key has an expiry
@@ -176,7 +176,7 @@ async def test_duplicate_node_id_is_logged(redis_server: Any, fleet_log: list[st
     a = await start_proxy(_fleet_conf(redis_server.url, "n1"))
     fa = next(f for f in a.features if f.name == "fleet")
     await until(lambda: fa.fleet_nodes != [])
-    fa.leave = lambda: None  # type: ignore[method-assign]  # gone without a goodbye: the record stays
+    fa.leave = lambda: defer.succeed(None)  # type: ignore[method-assign]  # gone without a goodbye: the record stays
     await a.stopService()
     assert await one_command(redis_server.url, "GET", "t:node:n1")
     a = await start_proxy(_fleet_conf(redis_server.url, "n1"))

@@ -88,6 +88,7 @@ class FleetFeature(Feature):
         self.started = 0.0
         self.fleet_nodes: list[dict[str, Any]] = []  # as of the last heartbeat
         self._beat: Optional[LoopingCall] = None
+        self._left: Optional[defer.Deferred[Any]] = None
         self._warned_duplicate = False
         self._wrote = False  # this feature's record is in Redis (a heartbeat succeeded)
 
@@ -131,11 +132,13 @@ class FleetFeature(Feature):
         users = self.redis.users
         if self in users:
             users.remove(self)
+        left: defer.Deferred[Any] = defer.succeed(None)
         if not any(f.node_id == self.node_id for f in users):
-            self.leave()  # not replaced by a feature with the same id on this connection
+            left = self.leave()  # not replaced by a feature with the same id on this connection
         if not users:
-            d = self.redis.stop()
-            d.addErrback(lambda f: _log.failure("fleet: closing Redis failed", f))
+            redis = self.redis
+            left.addBoth(lambda _: redis.stop())  # the record's removal goes out before the close
+            left.addErrback(lambda f: _log.failure("fleet: closing Redis failed", f))
 
     def _availability(self, available: bool) -> None:
         if available and self._beat is not None:
@@ -194,12 +197,21 @@ class FleetFeature(Feature):
 
         return live_nodes(self.redis, self.prefix).addCallback(keep)
 
-    def leave(self) -> None:
-        """Remove this node's record now (a graceful stop); best effort."""
+    def leave(self) -> defer.Deferred[Any]:
+        """Remove this node's record now (a graceful stop); best effort, fires when Redis answered."""
+        if self._left is not None:
+            return self._left
         if not self.redis.available:
-            return
-        self.redis.execute("DEL", self.key("node", self.node_id)).addErrback(lambda _f: None)
-        self.redis.execute("ZREM", self.key("nodes"), self.node_id).addErrback(lambda _f: None)
+            return defer.succeed(None)
+        self._left = defer.gatherResults([
+            self.redis.execute("DEL", self.key("node", self.node_id)),
+            self.redis.execute("ZREM", self.key("nodes"), self.node_id)], consumeErrors=True)
+        self._left.addErrback(lambda _f: None)
+        return self._left
+
+    def drain(self) -> defer.Deferred[Any]:
+        """A graceful stop waits until the node's record is gone (other nodes stop listing it at once)."""
+        return self.leave()
 
     # -- fleet-wide reload (wmproxy reload --fleet) -----------------------------------------
     def _reload_requested(self, _channel: str, message: str) -> None:
