@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from ..forward.httphead import HttpHeadError, RequestHead, RequestHeadParser, body_framing
 from .h1 import BodyError, ChunkedDecoder, LengthDecoder, normalize_path, reason
+from .wire import eager_write
 
 __all__ = ["Limits", "HTTP11Channel"]
 
@@ -493,11 +494,11 @@ class HTTP11Channel(Protocol):
 
     def write(self, data: bytes) -> None:
         if not self._closing:
-            self.transport.write(data)
+            eager_write(self.transport, data)
 
     def writeSequence(self, iovec: list[bytes]) -> None:
         if not self._closing:
-            self.transport.writeSequence(iovec)
+            eager_write(self.transport, b"".join(iovec))
 
     def loseConnection(self) -> None:
         self._close()

@@ -279,7 +279,7 @@ class ReverseRequest(server.Request):
             elif lk == b"date":
                 has_date = True
         if not has_date:
-            raw.append((b"Date", datetimeToString(self.clock.seconds())))
+            raw.append((b"Date", _date(self.clock.seconds())))
         version = self.clientproto
         self.chunked = int(version == b"HTTP/1.1" and not has_length and self.method != b"HEAD"
                            and self.code not in NO_BODY_CODES)
@@ -322,6 +322,18 @@ class ReverseRequest(server.Request):
         if getter is not None:
             return getter(self)
         return self.vars(name, arg)
+
+
+_last_date: tuple[int, bytes] = (-1, b"")
+
+
+def _date(now: float) -> bytes:
+    """The Date field value for ``now``, formatted once per second."""
+    global _last_date
+    second = int(now)
+    if _last_date[0] != second:
+        _last_date = (second, datetimeToString(second))
+    return _last_date[1]
 
 
 def _header(name: str) -> Callable[[ReverseRequest], str]:
