@@ -253,8 +253,10 @@ class HTTP11Channel(Protocol):
         upgrade: list[str] = []
         expect: Optional[str] = None
         framing = False
+        names: list[str] = []  # lower-case names, kept for the handlers (one conversion per request)
         for name, value in head.headers:  # one pass for the fields that steer the channel
             n = name.lower()
+            names.append(n)
             if n == "host":
                 hosts.append(value)
             elif n == "connection":
@@ -340,7 +342,7 @@ class HTTP11Channel(Protocol):
         req.content = BytesIO()
         req.prepare(head=head, norm_path=norm, query=query, host_value=host_value, host_name=host_name,
                     scheme="https" if self._secure else "http", has_body=has_body, websocket=websocket,
-                    body_length=length if kind == "length" else None)
+                    body_length=length if kind == "length" else None, lower_names=names)
         self._request = req
         self.requests_served += 1
         if has_body:

@@ -310,8 +310,8 @@ def _request_fields(request: Any) -> dict[str, str]:
                 out[name.decode()] = b", ".join(values).decode("latin-1")
         return out
     found: dict[str, str] = {}
-    for name, value in head.headers:
-        lname = name.lower()
+    names = getattr(request, "lower_names", None) or [name.lower() for name, _ in head.headers]
+    for (_name, value), lname in zip(head.headers, names, strict=True):
         if lname in _CONDITIONAL_NAMES:
             found[lname] = found[lname] + ", " + value if lname in found else value
     return found
@@ -588,7 +588,7 @@ class FileHandler:
         fields, gzippable = plain
         if gzippable and "gzip" in accepted_encodings(headers.get("accept-encoding")):
             return False
-        set_raw(200, b"OK", list(fields))
+        set_raw(200, b"OK", list(fields), has_length=True, has_date=False)
         request.write(entry.data)
         request.finish()
         return True

@@ -242,11 +242,8 @@ def request_head(method: bytes, target: bytes, headers: list[tuple[str, str]]) -
     """An HTTP/1.1 request head.  ``headers`` hold only validated text: what
     the strict request parser accepted, configuration values (checked when
     loaded) and rule outputs (control characters removed)."""
-    lines = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for k, v in headers:
-        lines.append(f"{k}: {v}\r\n".encode("latin-1"))
-    lines.append(b"\r\n")
-    return b"".join(lines)
+    fields = "".join([f"{k}: {v}\r\n" for k, v in headers]).encode("latin-1")
+    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", fields, b"\r\n"))
 
 
 def chunk(data: bytes) -> list[bytes]:
