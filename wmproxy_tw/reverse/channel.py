@@ -466,10 +466,12 @@ class HTTP11Channel(Protocol):
 
     # -- writing (the channel API of twisted.web requests) ---------------------------
     def head_bytes(self, version: bytes, code: int, reason_: bytes, headers: list[tuple[bytes, bytes]],
-                   chunked: bool) -> bytes:
+                   chunked: bool, block: bytes = b"") -> bytes:
         """A response head from raw fields (see ReverseRequest._write_head), with our
-        framing and connection fields; the request writes it with its first body bytes."""
-        parts = [version, b" %d " % code, reason_, b"\r\n"]
+        framing and connection fields; the request writes it with its first body bytes.
+        ``block``: fields already formatted (``Name: value\\r\\n`` lines, no Connection
+        among them), written first."""
+        parts = [version, b" %d " % code, reason_, b"\r\n", block]
         connection = False
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")

@@ -103,10 +103,13 @@ def split_path(path: PathLike, prefix: str = "") -> tuple[list[str], bool]:
         raise PathError(400, "path does not start with /")
     if b"\x00" in raw or b"\\" in raw:
         raise PathError(400, "NUL or backslash in path")
-    decoded = unquote_to_bytes(raw)
-    if b"\x00" in decoded or b"\\" in decoded:
-        raise PathError(400, "encoded NUL or backslash in path")
-    text = os.fsdecode(decoded)
+    if b"%" in raw:
+        decoded = unquote_to_bytes(raw)
+        if b"\x00" in decoded or b"\\" in decoded:
+            raise PathError(400, "encoded NUL or backslash in path")
+    else:
+        decoded = raw
+    text = decoded.decode("ascii") if decoded.isascii() else os.fsdecode(decoded)
     if prefix:
         if text == prefix or text.startswith(prefix + "/"):
             text = text[len(prefix):]  # "" for the prefix itself: a directory without its '/'
@@ -137,7 +140,7 @@ class _Entry:
     data: bytes
     gz: bytes | None = None
     #: The response fields of a plain 200 for this file, per handler (see FileHandler._plain_fields).
-    heads: dict[Any, tuple[tuple[tuple[bytes, bytes], ...], bool]] = field(default_factory=dict)
+    heads: dict[Any, tuple[tuple[tuple[bytes, bytes], ...], bool, bytes]] = field(default_factory=dict)
 
 
 class FileCache:
@@ -576,7 +579,7 @@ class FileHandler:
         the file's inode, size or mtime changes) and written with the body in
         one write.  False: take the general path."""
         set_raw = getattr(request, "set_raw_response", None)
-        if (set_raw is None or self.config.precompressed or self.rate_limit is not None
+        if (set_raw is None or not hasattr(request, "write_whole") or self.config.precompressed or self.rate_limit is not None
                 or request.code != 200 or st.st_size > self.cache.max_file):
             return False
         entry = self._cached(real, st)
@@ -584,12 +587,15 @@ class FileHandler:
             return False
         plain = entry.heads.get(self)
         if plain is None:
-            plain = entry.heads[self] = self._plain_fields(real, st)
-        fields, gzippable = plain
+            fields, gzippable = self._plain_fields(real, st)
+            block = b"".join(b"%s: %s\r\n" % kv for kv in fields)
+            plain = entry.heads[self] = (fields, gzippable, block)
+        fields, gzippable, block = plain
         if gzippable and "gzip" in accepted_encodings(headers.get("accept-encoding")):
             return False
-        set_raw(200, b"OK", list(fields), has_length=True, has_date=False)
-        request.write(entry.data)
+        if not request.write_whole(200, b"OK", block, entry.data):
+            set_raw(200, b"OK", list(fields), has_length=True, has_date=False)
+            request.write(entry.data)
         request.finish()
         return True
 

@@ -222,6 +222,25 @@ class ReverseRequest(server.Request):
         self._raw_headers = headers
         self._raw_flags = None if has_length is None or has_date is None else (has_length, has_date)
 
+    def write_whole(self, status: int, reason_: bytes, block: bytes, body: bytes) -> bool:
+        """Write a complete response in one write: ``block`` holds its fields,
+        formatted and final (Content-Length included; Date and our connection
+        fields are added).  False, having done nothing, where the general path
+        is needed: response header rules, a response already started, a
+        channel without :meth:`~HTTP11Channel.head_bytes` (HTTP/2), HEAD."""
+        channel = self.channel
+        if (self.response_rules or self.startedWriting or self.finished or self._disconnected
+                or self.method == b"HEAD" or not hasattr(channel, "head_bytes")):
+            return False
+        self.code = status
+        self.code_message = reason_
+        self.startedWriting = 1
+        head = channel.head_bytes(self.clientproto, status, reason_, [(b"Date", _date(self.clock.seconds()))],
+                                  False, block)
+        self.sentLength += len(body)
+        channel.write(head + body)
+        return True
+
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
             if self.finished:
