@@ -152,6 +152,23 @@ class _BodyPump:
 class Exchange:
     """The proxying of one request (see the module docstring)."""
 
+    # Per-exchange state: the defaults here, set on the instance when they change.
+    member: Any = None
+    conn: Any = None
+    reused = False
+    last_error: Optional[UpstreamError] = None
+    done = False
+    started_at = 0.0
+    got_response = False
+    body_started = False
+    body_kind: Optional[str] = None
+    _head_pending = False
+    _counted = False
+    _pump: Optional[_BodyPump] = None
+    _reader: Optional[_ResponsePump] = None
+    _write_timer: Any = None
+    _connecting: Any = None
+
     def __init__(self, handler: Any, request: Any, ctx: Any) -> None:
         self.h = handler
         self.request = request
@@ -159,24 +176,9 @@ class Exchange:
         self.clock = handler.clock
         self.group = handler.group
         self.tried: set[Any] = set()
-        self.member: Any = None
-        self.conn: Any = None
-        self.reused = False
-        self.last_error: Optional[UpstreamError] = None
-        self.done = False
-        self.started_at = 0.0
-        self.got_response = False
         self.body_sent = not request.has_body
-        self.body_started = False
         self.upgrade = bool(request.websocket and ctx.is_ws)
-        self.body_kind: Optional[str] = None
-        self._head_pending = False
-        self._counted = False
-        self._pump: Optional[_BodyPump] = None
-        self._reader: Optional[_ResponsePump] = None
         self._out: Any = request  # the request, or a Throttle over it (rate_limit)
-        self._write_timer: Any = None
-        self._connecting: Any = None
 
     # -- start ---------------------------------------------------------------------
     def start(self) -> None:
