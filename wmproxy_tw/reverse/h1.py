@@ -287,11 +287,12 @@ def _head_problem(raw: bytes) -> str:
     return "control character in the response head"
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]"  # visible text, SP, HTAB and obs-text: no CR/LF/NUL/CTL
-#: A whole response head, checked in one pass: status line, then token-named fields.
-_HEAD = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (" + _TEXT + rb"*))?\r?\n()(?:"
-                   + _TOKEN + rb":" + _TEXT + rb"*\r?\n)*\r?\n")
-#: Name and value (without surrounding blanks) of each field of a checked head.
-_FIELDS = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:" + _TEXT + rb"*[^\x00-\x20\x7f])?)[ \t]*\r?\n")
+#: The status line alone, and the fields as whole lines: a head is well-formed exactly when
+#: its status line matches and every line after it but the last (empty) one is a field line
+#: (token name, colon, visible text), i.e. when there are as many matches as such lines.
+#: Values come without surrounding blanks.
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (" + _TEXT + rb"*))?\r?\n")
+_FIELD_LINES = re.compile(rb"(?<=\n)(" + _TOKEN + rb"):[ \t]*((?:" + _TEXT + rb"*[^\x00-\x20\x7f])?)[ \t]*\r?\n")
 
 _R_HEAD, _R_BODY, _R_DONE, _R_SWITCHED = range(4)
 
@@ -391,11 +392,16 @@ class ResponseParser:
         return crlf + 3 if crlf >= 0 else -1
 
     def _on_head(self, raw: bytes, events: list[tuple[int, Any]]) -> None:
-        m = _HEAD.fullmatch(raw)
+        # ``raw`` ends at its first empty line (_head_end): the status line, then one pass
+        # over the field lines, counted.
+        m = _STATUS_LINE.match(raw)
         if m is None:
             raise ResponseError(_head_problem(raw))
+        fields_at = m.end()
+        headers: list[tuple[bytes, bytes]] = _FIELD_LINES.findall(raw, fields_at)
+        if len(headers) != raw.count(b"\n", fields_at) - 1:
+            raise ResponseError(_head_problem(raw))
         status = int(m.group(2))
-        headers: list[tuple[bytes, bytes]] = _FIELDS.findall(raw, m.end(3))
         te: list[bytes] = []
         cl: list[bytes] = []
         conn: list[bytes] = []

@@ -239,7 +239,8 @@ class UpstreamPool:
         if not self._closed and conn.reusable:
             # The last client may have paused it (back-pressure) right before the
             # response ended: an idle connection always reads, to see it close.
-            conn.resume_reading()
+            if conn.paused:
+                conn.resume_reading()
             conns = self.idle.setdefault(conn.key, [])
             if len(conns) < self.max_idle:
                 conn.idle_since = self.reactor.seconds()
