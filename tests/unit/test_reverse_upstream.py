@@ -71,7 +71,8 @@ def test_connection_paused_by_the_last_client_is_resumed_when_pooled() -> None:
     pool = UpstreamPool(Clock())
     conn, t = connected(pool)
     exchange(conn, OK)
-    t.pauseProducing()
+    conn.pause_reading()  # what the client's back-pressure does (the exchange's response pump)
+    assert t.producerState == "paused"
     pool.release(conn)
     assert t.producerState == "producing"
 
