@@ -240,3 +240,32 @@ def test_response_head_check_matches_the_reference_regex(body: bytes) -> None:
     assert ref is not None
     head = events[0][1]
     assert head.headers == _REFERENCE_FIELDS.findall(raw, ref.end(4))
+
+
+def test_repeated_response_heads_are_parsed_once_per_bytes() -> None:
+    """The same head bytes are parsed once (shared, bounded cache); each parser keeps its own framing
+    state, and a framing problem still only counts where a body can follow."""
+    from wmproxy_tw.reverse import h1
+
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Cached: yes\r\n\r\n"
+    a, b = ResponseParser(), ResponseParser()
+    a.expect(b"GET")
+    b.expect(b"HEAD")
+    ev_a = a.feed(raw + b"abc")
+    ev_b = b.feed(raw)
+    assert ev_a[0][1] is ev_b[0][1] and raw in h1._HEADS
+    assert [k for k, _ in ev_a] == [RESPONSE, DATA, END] and [k for k, _ in ev_b] == [RESPONSE, END]
+    bad = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+    for method, fails in ((b"HEAD", False), (b"GET", True), (b"GET", True)):
+        p = ResponseParser()
+        p.expect(method)
+        if fails:
+            with pytest.raises(ResponseError):
+                p.feed(bad)
+        else:
+            assert [k for k, _ in p.feed(bad)] == [RESPONSE, END]
+    for i in range(h1.HEAD_CACHE + 5):
+        p = ResponseParser()
+        p.expect(b"HEAD")
+        p.feed(b"HTTP/1.1 204 No Content\r\nX-N: %d\r\n\r\n" % i)
+    assert len(h1._HEADS) <= h1.HEAD_CACHE
