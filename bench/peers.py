@@ -176,6 +176,15 @@ def nginx_reverse(ctx: Ctx, port: int) -> Proc:
     }}""")
 
 
+def twisted_peer(ctx: Ctx, mode: str, port: int, arg: str) -> Proc:
+    """Twisted's stock ``ReverseProxyResource`` (mode "proxy") or ``static.File`` ("static")."""
+    name = "twisted-proxy" if mode == "proxy" else "twisted-static"
+    argv = [str(ctx.venv / "bin" / "python"), str(Path(__file__).with_name("twisted_peer.py")), mode, str(port), arg]
+    p = Proc(name, argv, ctx.dir(name), (port,))
+    p.start(timeout=30)
+    return p
+
+
 def nginx_static(ctx: Ctx, port: int) -> Proc:
     return nginx(ctx, "nginx-static", (port,), http=f"""
     server {{ listen 127.0.0.1:{port} backlog=4096; root {ctx.www}; }}""")

@@ -331,7 +331,7 @@ proxy_url = "http://origin"
 
 
 class Reverse(Scenario):
-    peers = ("nginx",)
+    peers = ("nginx", "twisted")  # twisted: stock twisted.web.proxy.ReverseProxyResource (issue #3)
 
     def __init__(self, ctx: Ctx, connections: int) -> None:
         super().__init__(ctx)
@@ -345,6 +345,9 @@ class Reverse(Scenario):
     def start_peer(self, who: str) -> Running:
         if who == "haproxy":
             return Running([peers.haproxy(self.ctx, self.p(who), self.ctx.origin_port, mode="http")], self.p(who))
+        if who == "twisted":
+            return Running([peers.twisted_peer(self.ctx, "proxy", self.p(who), str(self.ctx.origin_port))],
+                           self.p(who))
         return Running([peers.nginx_reverse(self.ctx, self.p(who))], self.p(who))
 
     def measure(self, who: str, r: Running, duration: float) -> Measured:
@@ -371,7 +374,7 @@ class IdleHttp(Reverse):
 
 
 class Static(Scenario):
-    peers = ("nginx",)
+    peers = ("nginx", "twisted")  # twisted: stock twisted.web.static.File (issue #4)
 
     def __init__(self, ctx: Ctx, path: str) -> None:
         super().__init__(ctx)
@@ -392,6 +395,8 @@ file_server = {{ root = "{self.ctx.www}" }}
         return self.one(body)
 
     def start_peer(self, who: str) -> Running:
+        if who == "twisted":
+            return Running([peers.twisted_peer(self.ctx, "static", self.p(who), str(self.ctx.www))], self.p(who))
         return Running([peers.nginx_static(self.ctx, self.p(who))], self.p(who))
 
     def measure(self, who: str, r: Running, duration: float) -> Measured:

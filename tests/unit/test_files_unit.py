@@ -297,3 +297,80 @@ def test_on_the_fly_gzip_of_a_file_cut_short_is_not_complete(tmp_path: Path) -> 
     text.write_bytes(b"")  # the file is truncated under us
     r.pull_all()
     assert not r.finished and r.channel.transport.disconnecting  # cut, never finished
+
+
+def _file_site(root: Path, **config: Any) -> tuple[Any, Clock]:
+    """A reverse-proxy site with one file_server location, on a Clock (at the real time: files look settled)."""
+    import time
+
+    from wmproxy_tw.config.model import HttpServer, Location
+    from wmproxy_tw.reverse.channel import Limits
+    from wmproxy_tw.reverse.handlers import LocationCtx
+    from wmproxy_tw.reverse.route import VirtualHosts, compile_rule
+    from wmproxy_tw.reverse.site import ReverseSite, ServerCtx
+
+    clock = Clock()
+    clock.advance(time.time())
+    handler = FileHandler(FileServer(root=str(root), **config), clock=clock)
+    server = HttpServer(bind_addr="127.0.0.1:1")
+    loc = LocationCtx("loc[0]", Location(rule="/"), server, compile_rule("/", {}), handler=handler)
+    return ReverseSite(clock, VirtualHosts([([], ServerCtx(0, server, [loc]))]), Limits(), "test"), clock
+
+
+def _get(site: Any, path: str, *fields: str) -> tuple[list[bytes], bytes]:
+    t = StringTransport()
+    ch = site.buildProtocol(None)
+    ch.makeConnection(t)
+    extra = "".join(f"{f}\r\n" for f in fields)
+    ch.dataReceived(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+    head, _, body = t.value().partition(b"\r\n\r\n")
+    return [line for line in head.split(b"\r\n") if not line.startswith(b"Date: ")], body
+
+
+@pytest.mark.parametrize("config", [{}, {"cors": True, "cache_time": 60}, {"gzip": False}])
+def test_plain_get_from_the_cache_is_the_general_answer(tmp_path: Path, config: dict[str, Any]) -> None:
+    """A plain GET answered from the cached head block is byte-identical (Date aside) to the general path."""
+    import os
+
+    for name, data in (("a.txt", b"text " * 400), ("b.bin", bytes(range(256)) * 4)):
+        f = tmp_path / name
+        f.write_bytes(data)
+        os.utime(f, (1_700_000_000, 1_700_000_000))
+        site, _ = _file_site(tmp_path, **config)
+        general = _get(site, f"/{name}", 'If-None-Match: "other"')  # validators: the general path
+        plain = _get(site, f"/{name}")
+        again = _get(site, f"/{name}", "Accept-Encoding: identity")
+        assert plain == general == again and plain[1] == data
+        assert plain[0][0] == b"HTTP/1.1 200 OK"
+        entry = site.vhosts.default.locations[0].handler.cache._entries[os.path.realpath(f)]
+        assert entry.heads  # the block was built and kept with the cached file
+
+
+def test_plain_get_notices_a_changed_file(tmp_path: Path) -> None:
+    """The cached head block goes with the file's version: new size or mtime, new ETag, length and body."""
+    import os
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"x" * 100)
+    os.utime(f, (1_700_000_000, 1_700_000_000))
+    site, _ = _file_site(tmp_path)
+    first, body = _get(site, "/a.bin")
+    assert body == b"x" * 100 and b"Content-Length: 100" in first
+    f.write_bytes(b"y" * 200)
+    os.utime(f, (1_700_000_100, 1_700_000_100))
+    second, body = _get(site, "/a.bin")
+    assert body == b"y" * 200 and b"Content-Length: 200" in second
+    assert [x for x in first if x.startswith(b"ETag")] != [x for x in second if x.startswith(b"ETag")]
+
+
+def test_gzip_capable_clients_still_get_gzip(tmp_path: Path) -> None:
+    """A compressible file asked for with Accept-Encoding: gzip leaves the plain path (gzip on the fly)."""
+    import os
+
+    f = tmp_path / "a.txt"
+    f.write_bytes(b"text " * 400)
+    os.utime(f, (1_700_000_000, 1_700_000_000))
+    site, _ = _file_site(tmp_path)
+    _get(site, "/a.txt")
+    head, body = _get(site, "/a.txt", "Accept-Encoding: gzip")
+    assert b"Content-Encoding: gzip" in head and zlib.decompress(body, 31) == b"text " * 400

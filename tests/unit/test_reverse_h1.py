@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wmproxy_tw.reverse.h1 import (
     DATA,
@@ -204,3 +209,63 @@ def test_request_framing_helpers() -> None:
     """Request heads and chunks are framed as HTTP/1.1 expects."""
     assert request_head(b"GET", b"/x", [("Host", "a"), ("X", "é")]) == b"GET /x HTTP/1.1\r\nHost: a\r\nX: \xe9\r\n\r\n"
     assert b"".join(chunk(b"hello")) == b"5\r\nhello\r\n"
+
+
+# The one-regex check the parser used before it counted field lines (kept as the reference).
+_TOKEN_RX = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TEXT_RX = rb"[^\x00-\x08\x0a-\x1f\x7f]"
+_REFERENCE_HEAD = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (" + _TEXT_RX + rb"*))?\r?\n()(?:"
+                             + _TOKEN_RX + rb":" + _TEXT_RX + rb"*\r?\n)*\r?\n")
+_REFERENCE_FIELDS = re.compile(rb"(" + _TOKEN_RX + rb"):[ \t]*((?:" + _TEXT_RX + rb"*[^\x00-\x20\x7f])?)[ \t]*\r?\n")
+_HEAD_BYTES = st.lists(st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.0 404", b"HTTP/1.1 20", b"X", b"Set-Cookie",
+                                        b":", b" ", b"\t", b"\r", b"\n", b"\r\n", b"a", b"\x00", b"\x7f", b"\xff",
+                                        b"Bad Name", b"v", b"X-A: b"]), max_size=14).map(b"".join)
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None)
+@given(_HEAD_BYTES)
+def test_response_head_check_matches_the_reference_regex(body: bytes) -> None:
+    """Counting field lines accepts exactly the heads the whole-head regex accepted, with the same fields."""
+    raw = body + b"\r\n\r\n"
+    end = min(i for i in (raw.find(b"\n\r\n"), raw.find(b"\n\n")) if i >= 0)
+    raw = raw[:end + (3 if raw[end:end + 3] == b"\n\r\n" else 2)]
+    ref = _REFERENCE_HEAD.fullmatch(raw)
+    p = ResponseParser()
+    p.expect(b"HEAD")
+    try:
+        events = p.feed(raw)
+    except ResponseError:
+        assert ref is None
+        return
+    assert ref is not None
+    head = events[0][1]
+    assert head.headers == _REFERENCE_FIELDS.findall(raw, ref.end(4))
+
+
+def test_repeated_response_heads_are_parsed_once_per_bytes() -> None:
+    """The same head bytes are parsed once (shared, bounded cache); each parser keeps its own framing
+    state, and a framing problem still only counts where a body can follow."""
+    from wmproxy_tw.reverse import h1
+
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Cached: yes\r\n\r\n"
+    a, b = ResponseParser(), ResponseParser()
+    a.expect(b"GET")
+    b.expect(b"HEAD")
+    ev_a = a.feed(raw + b"abc")
+    ev_b = b.feed(raw)
+    assert ev_a[0][1] is ev_b[0][1] and raw in h1._HEADS
+    assert [k for k, _ in ev_a] == [RESPONSE, DATA, END] and [k for k, _ in ev_b] == [RESPONSE, END]
+    bad = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+    for method, fails in ((b"HEAD", False), (b"GET", True), (b"GET", True)):
+        p = ResponseParser()
+        p.expect(method)
+        if fails:
+            with pytest.raises(ResponseError):
+                p.feed(bad)
+        else:
+            assert [k for k, _ in p.feed(bad)] == [RESPONSE, END]
+    for i in range(h1.HEAD_CACHE + 5):
+        p = ResponseParser()
+        p.expect(b"HEAD")
+        p.feed(b"HTTP/1.1 204 No Content\r\nX-N: %d\r\n\r\n" % i)
+    assert len(h1._HEADS) <= h1.HEAD_CACHE

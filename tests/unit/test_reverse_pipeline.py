@@ -203,3 +203,29 @@ def test_request_completion_is_ok_for_a_finished_response() -> None:
     ch, t = connect(site)
     ch.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert sink.lines == ["200 [OK]"] and not t.disconnecting
+
+
+def test_route_decisions_are_cached_per_path_only_for_path_rules() -> None:
+    """Path-only rules: the location is remembered per normalised path; a rule that also looks
+    at the method is matched on every request (no cache), and still decides per method."""
+    from wmproxy_tw.config.model import RuleTable
+
+    a, b = Recorder(), Recorder()
+    site, _ = site_with(("/a", a, []), ("/", b, []))
+    ch, _t = connect(site)
+    ch.dataReceived(b"GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+                    b"GET /a/./1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [r.uri for r in a.seen] == [b"/a/1", b"/a/./1"] and [r.uri for r in b.seen] == [b"/b"]
+    srv = site.vhosts.default
+    assert srv._by_path is not None and set(srv._by_path) == {"/a/1", "/b"}
+
+    post, other = Recorder(), Recorder()
+    clock = Clock()
+    table = RuleTable(path="/x", method="POST")
+    ctxs = [LocationCtx("loc[0]", Location(), SERVER, compile_rule(table, {}), handler=post),
+            LocationCtx("loc[1]", Location(), SERVER, compile_rule("/", {}), handler=other)]
+    site2 = ReverseSite(clock, VirtualHosts([([], ServerCtx(0, SERVER, ctxs))]), Limits(), "test")
+    assert site2.vhosts.default._by_path is None
+    ch2, _t2 = connect(site2)
+    ch2.dataReceived(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\nGET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [r.method for r in post.seen] == [b"POST"] and [r.method for r in other.seen] == [b"GET"]

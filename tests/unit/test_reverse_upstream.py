@@ -71,7 +71,8 @@ def test_connection_paused_by_the_last_client_is_resumed_when_pooled() -> None:
     pool = UpstreamPool(Clock())
     conn, t = connected(pool)
     exchange(conn, OK)
-    t.pauseProducing()
+    conn.pause_reading()  # what the client's back-pressure does (the exchange's response pump)
+    assert t.producerState == "paused"
     pool.release(conn)
     assert t.producerState == "producing"
 
@@ -126,3 +127,39 @@ def test_chunked_upload_framing_and_bad_response() -> None:
     assert t.value().endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
     conn.dataReceived(b"NOT HTTP\r\n\r\n")
     assert user.events == [("error", 502)] and conn.closed
+
+
+def test_eager_write_sends_at_once_and_keeps_order() -> None:
+    """eager_write sends at once on an idle tcp.Connection (over a socket pair); with bytes queued it queues behind them;
+    other transports get an ordinary write."""
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+
+    from wmproxy_tw.reverse.wire import eager_write
+
+    class FakeReactor:
+        def addReader(self, _r: Any) -> None: ...
+        def addWriter(self, _w: Any) -> None: self.writing = True
+        def removeReader(self, _r: Any) -> None: ...
+        def removeWriter(self, _w: Any) -> None: ...
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.settimeout(5)
+    reactor = FakeReactor()
+    conn = tcp.Connection(a, Protocol(), reactor)  # type: ignore[arg-type]
+    conn.connected = True
+    try:
+        eager_write(conn, b"one ")
+        assert b.recv(100) == b"one " and not getattr(reactor, "writing", False)
+        conn.write(b"two ")  # queued, waiting for the reactor
+        eager_write(conn, b"three")
+        assert conn._tempDataBuffer == [b"two ", b"three"]  # behind what was queued, in order
+        t = StringTransport()
+        eager_write(t, b"x")
+        assert t.value() == b"x"
+    finally:
+        a.close()
+        b.close()

@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from ..forward.httphead import HttpHeadError, RequestHead, RequestHeadParser, body_framing
 from .h1 import BodyError, ChunkedDecoder, LengthDecoder, normalize_path, reason
+from .wire import eager_write
 
 __all__ = ["Limits", "HTTP11Channel"]
 
@@ -252,8 +253,10 @@ class HTTP11Channel(Protocol):
         upgrade: list[str] = []
         expect: Optional[str] = None
         framing = False
+        names: list[str] = []  # lower-case names, kept for the handlers (one conversion per request)
         for name, value in head.headers:  # one pass for the fields that steer the channel
             n = name.lower()
+            names.append(n)
             if n == "host":
                 hosts.append(value)
             elif n == "connection":
@@ -339,7 +342,7 @@ class HTTP11Channel(Protocol):
         req.content = BytesIO()
         req.prepare(head=head, norm_path=norm, query=query, host_value=host_value, host_name=host_name,
                     scheme="https" if self._secure else "http", has_body=has_body, websocket=websocket,
-                    body_length=length if kind == "length" else None)
+                    body_length=length if kind == "length" else None, lower_names=names)
         self._request = req
         self.requests_served += 1
         if has_body:
@@ -471,10 +474,12 @@ class HTTP11Channel(Protocol):
 
     # -- writing (the channel API of twisted.web requests) ---------------------------
     def head_bytes(self, version: bytes, code: int, reason_: bytes, headers: list[tuple[bytes, bytes]],
-                   chunked: bool) -> bytes:
+                   chunked: bool, block: bytes = b"") -> bytes:
         """A response head from raw fields (see ReverseRequest._write_head), with our
-        framing and connection fields; the request writes it with its first body bytes."""
-        parts = [version, b" %d " % code, reason_, b"\r\n"]
+        framing and connection fields; the request writes it with its first body bytes.
+        ``block``: fields already formatted (``Name: value\\r\\n`` lines, no Connection
+        among them), written first."""
+        parts = [version, b" %d " % code, reason_, b"\r\n", block]
         connection = False
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
@@ -501,11 +506,11 @@ class HTTP11Channel(Protocol):
 
     def write(self, data: bytes) -> None:
         if not self._closing:
-            self.transport.write(data)
+            eager_write(self.transport, data)
 
     def writeSequence(self, iovec: list[bytes]) -> None:
         if not self._closing:
-            self.transport.writeSequence(iovec)
+            eager_write(self.transport, b"".join(iovec))
 
     def loseConnection(self) -> None:
         self._close()

@@ -28,7 +28,7 @@ import stat
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, quote_from_bytes, unquote_to_bytes
 
@@ -104,10 +104,13 @@ def split_path(path: PathLike, prefix: str = "") -> tuple[list[str], bool]:
         raise PathError(400, "path does not start with /")
     if b"\x00" in raw or b"\\" in raw:
         raise PathError(400, "NUL or backslash in path")
-    decoded = unquote_to_bytes(raw)
-    if b"\x00" in decoded or b"\\" in decoded:
-        raise PathError(400, "encoded NUL or backslash in path")
-    text = os.fsdecode(decoded)
+    if b"%" in raw:
+        decoded = unquote_to_bytes(raw)
+        if b"\x00" in decoded or b"\\" in decoded:
+            raise PathError(400, "encoded NUL or backslash in path")
+    else:
+        decoded = raw
+    text = decoded.decode("ascii") if decoded.isascii() else os.fsdecode(decoded)
     if prefix:
         if text == prefix or text.startswith(prefix + "/"):
             text = text[len(prefix):]  # "" for the prefix itself: a directory without its '/'
@@ -137,6 +140,8 @@ class _Entry:
     ident: tuple[int, int, int]
     data: bytes
     gz: bytes | None = None
+    #: The response fields of a plain 200 for this file, per handler (see FileHandler._plain_fields).
+    heads: dict[Any, tuple[tuple[tuple[bytes, bytes], ...], bool, bytes]] = field(default_factory=dict)
 
 
 class FileCache:
@@ -280,6 +285,29 @@ def _human(size: int) -> str:
 _TEXT = "text/plain; charset=utf-8"
 _CONDITIONAL = (b"accept-encoding", b"range", b"if-range", b"if-match", b"if-none-match",
                 b"if-modified-since", b"if-unmodified-since")
+_CORS_FIELDS = ((b"Access-Control-Allow-Origin", b"*"),
+                (b"Access-Control-Expose-Headers", b"Content-Length, Content-Range, ETag, Last-Modified, Accept-Ranges"))
+_CONDITIONAL_NAMES = frozenset(n.decode() for n in _CONDITIONAL)
+
+
+def _request_fields(request: Any) -> dict[str, str]:
+    """The request fields the file server looks at (lower-case name → values joined
+    with ", "): read from the parsed head when the request has one, in one pass."""
+    head = getattr(request, "head", None)
+    if head is None:
+        out = {}
+        raw_headers = request.requestHeaders
+        for name in _CONDITIONAL:
+            values = raw_headers.getRawHeaders(name)
+            if values:
+                out[name.decode()] = b", ".join(values).decode("latin-1")
+        return out
+    found: dict[str, str] = {}
+    names = getattr(request, "lower_names", None) or [name.lower() for name, _ in head.headers]
+    for (_name, value), lname in zip(head.headers, names, strict=True):
+        if lname in _CONDITIONAL_NAMES:
+            found[lname] = found[lname] + ", " + value if lname in found else value
+    return found
 _REASONS = {301: "Moved Permanently", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 412: "Precondition Failed", 416: "Range Not Satisfiable"}
 
@@ -453,12 +481,10 @@ class FileHandler:
         return None
 
     def _file(self, request: Any, method: str, real: str, st: os.stat_result) -> None:
-        raw_headers = request.requestHeaders
-        headers = {}
-        for name in _CONDITIONAL:
-            values = raw_headers.getRawHeaders(name)
-            if values:
-                headers[name.decode()] = b", ".join(values).decode("latin-1")
+        headers = _request_fields(request)
+        if (method == "GET" and (not headers or (len(headers) == 1 and "accept-encoding" in headers))
+                and self._send_plain(request, real, st, headers)):
+            return
         mime = self.mime(real)
         accepted = accepted_encodings(headers.get("accept-encoding"))
         encoding: str | None = None
@@ -535,6 +561,52 @@ class FileHandler:
             self._send_bytes(request, method, entry.data[start:start + length], length_set=True)
         else:
             self._send_file(request, real, start, length)
+
+    def _send_plain(self, request: Any, real: str, st: os.stat_result, headers: dict[str, str]) -> bool:
+        """The common case, answered from the cache: GET without validators or
+        ranges, a cached file, no sibling or on-the-fly encoding.  The response
+        fields are computed once per file version (the entry is dropped when
+        the file's inode, size or mtime changes) and written with the body in
+        one write.  False: take the general path."""
+        set_raw = getattr(request, "set_raw_response", None)
+        if (set_raw is None or not hasattr(request, "write_whole") or self.config.precompressed or self.rate_limit is not None
+                or request.code != 200 or st.st_size > self.cache.max_file):
+            return False
+        entry = self._cached(real, st)
+        if entry is None:
+            return False
+        plain = entry.heads.get(self)
+        if plain is None:
+            fields, gzippable = self._plain_fields(real, st)
+            block = b"".join(b"%s: %s\r\n" % kv for kv in fields)
+            plain = entry.heads[self] = (fields, gzippable, block)
+        fields, gzippable, block = plain
+        if gzippable and "gzip" in accepted_encodings(headers.get("accept-encoding")):
+            return False
+        if not request.write_whole(200, b"OK", block, entry.data):
+            set_raw(200, b"OK", list(fields), has_length=True, has_date=False)
+            request.write(entry.data)
+        request.finish()
+        return True
+
+    def _plain_fields(self, real: str, st: os.stat_result) -> tuple[tuple[tuple[bytes, bytes], ...], bool]:
+        """The fields :meth:`_file` sets for a plain 200 of this file, in the same
+        order and spelling (twisted.web's canonical names), and whether gzip on
+        the fly could apply (then the answer depends on Accept-Encoding)."""
+        mime = self.mime(real)
+        size = st.st_size
+        gzippable = bool(self.config.gzip and size >= self.config.gzip_min_length and compressible(mime))
+        fields = [(b"Last-Modified", http_date(int(st.st_mtime)).encode()),
+                  (b"ETag", make_etag(st.st_mtime, size).encode())]
+        if gzippable:
+            fields.append((b"Vary", b"Accept-Encoding"))
+        if self.config.cache_time is not None:
+            fields.append((b"Cache-Control", self._cache_control()))
+        if self.config.cors:
+            fields += _CORS_FIELDS
+        fields += [(b"Content-Type", mime.encode()), (b"Accept-Ranges", b"bytes"),
+                   (b"Content-Length", str(size).encode())]
+        return tuple(fields), gzippable
 
     def _cached(self, real: str, st: os.stat_result) -> _Entry | None:
         if st.st_size > self.cache.max_file:
@@ -667,14 +739,16 @@ class FileHandler:
 
     def _caching(self, request: Any) -> None:
         if self.config.cache_time is not None:
-            request.setHeader(b"cache-control", f"max-age={int(self.config.cache_time)}".encode())
+            request.setHeader(b"cache-control", self._cache_control())
+
+    def _cache_control(self) -> bytes:
+        return f"max-age={int(self.config.cache_time or 0)}".encode()
 
     def _cors(self, request: Any, preflight: bool = False) -> None:
         if not self.config.cors:
             return
-        request.setHeader(b"access-control-allow-origin", b"*")
-        request.setHeader(b"access-control-expose-headers",
-                          b"Content-Length, Content-Range, ETag, Last-Modified, Accept-Ranges")
+        for name, value in _CORS_FIELDS:
+            request.setHeader(name, value)
         if preflight:
             request.setHeader(b"access-control-allow-methods", self.allow.encode())
             request.setHeader(b"access-control-allow-headers",

@@ -19,7 +19,8 @@ events (``(INFO, head)``, ``(RESPONSE, head)``, ``(DATA, bytes)``,
 ``(END, None)``) with the framing rules of RFC 9112 §6.3, strictly: a
 response with both Content-Length and Transfer-Encoding, differing or
 malformed lengths, obsolete line folding or an oversized head raise
-:class:`ResponseError` (the proxy answers 502).  (The forward proxy frames
+:class:`ResponseError` (the proxy answers 502).  A head is parsed once per distinct
+byte string (a bounded memo: an upstream repeats the same head many times a second).  (The forward proxy frames
 with h11; on the reverse proxy's hot path h11 cost ~28 µs per exchange
 against ~6 µs here, measured, so the upstream side has its own small parser.)
 """
@@ -242,11 +243,8 @@ def request_head(method: bytes, target: bytes, headers: list[tuple[str, str]]) -
     """An HTTP/1.1 request head.  ``headers`` hold only validated text: what
     the strict request parser accepted, configuration values (checked when
     loaded) and rule outputs (control characters removed)."""
-    lines = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for k, v in headers:
-        lines.append(f"{k}: {v}\r\n".encode("latin-1"))
-    lines.append(b"\r\n")
-    return b"".join(lines)
+    fields = "".join([f"{k}: {v}\r\n" for k, v in headers]).encode("latin-1")
+    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", fields, b"\r\n"))
 
 
 def chunk(data: bytes) -> list[bytes]:
@@ -290,13 +288,70 @@ def _head_problem(raw: bytes) -> str:
     return "control character in the response head"
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _TEXT = rb"[^\x00-\x08\x0a-\x1f\x7f]"  # visible text, SP, HTAB and obs-text: no CR/LF/NUL/CTL
-#: A whole response head, checked in one pass: status line, then token-named fields.
-_HEAD = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (" + _TEXT + rb"*))?\r?\n()(?:"
-                   + _TOKEN + rb":" + _TEXT + rb"*\r?\n)*\r?\n")
-#: Name and value (without surrounding blanks) of each field of a checked head.
-_FIELDS = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:" + _TEXT + rb"*[^\x00-\x20\x7f])?)[ \t]*\r?\n")
+#: The status line alone, and the fields as whole lines: a head is well-formed exactly when
+#: its status line matches and every line after it but the last (empty) one is a field line
+#: (token name, colon, visible text), i.e. when there are as many matches as such lines.
+#: Values come without surrounding blanks.
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: (" + _TEXT + rb"*))?\r?\n")
+_FIELD_LINES = re.compile(rb"(?<=\n)(" + _TOKEN + rb"):[ \t]*((?:" + _TEXT + rb"*[^\x00-\x20\x7f])?)[ \t]*\r?\n")
 
 _R_HEAD, _R_BODY, _R_DONE, _R_SWITCHED = range(4)
+_CHUNKED, _LENGTH, _CLOSE = "chunked", "length", "close"
+#: Parsed response heads by their exact bytes: an upstream repeats the same head (same
+#: resource, same Date within a second) for many responses.  Bounded (cleared when full).
+#: The parsed ResponseHead is shared: nobody modifies it (or its field list).
+HEAD_CACHE = 512
+_HEADS: dict[bytes, tuple["ResponseHead", str, int, Optional[str]]] = {}
+
+
+def _parse_head(raw: bytes) -> tuple["ResponseHead", str, int, Optional[str]]:
+    """What a response head says, independently of the request: the head, how its body
+    is framed (chunked / length / close) and its length, and why that framing is
+    unacceptable (None if it is fine; it only matters when a body can follow).
+    ``raw`` ends at its first empty line (``_head_end``): the status line, then one
+    pass over the field lines, counted.  ResponseError for a malformed head."""
+    m = _STATUS_LINE.match(raw)
+    if m is None:
+        raise ResponseError(_head_problem(raw))
+    fields_at = m.end()
+    headers: list[tuple[bytes, bytes]] = _FIELD_LINES.findall(raw, fields_at)
+    if len(headers) != raw.count(b"\n", fields_at) - 1:
+        raise ResponseError(_head_problem(raw))
+    te: list[bytes] = []
+    cl: list[bytes] = []
+    conn: list[bytes] = []
+    for name, value in headers:
+        if len(name) in (10, 14, 17):
+            lname = name.lower()
+            if lname == b"content-length":
+                cl.append(value)
+            elif lname == b"transfer-encoding":
+                te.append(value)
+            elif lname == b"connection":
+                conn.append(value.lower())
+    version = b"HTTP/1." + m.group(1)
+    tokens = {t.strip(b" \t") for v in conn for t in v.split(b",")} if conn else ()
+    keep = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
+    head = ResponseHead(int(m.group(2)), m.group(3) or b"", version, headers, keep)
+    if te:
+        if cl:
+            return head, _CLOSE, 0, "response with both Content-Length and Transfer-Encoding"
+        codings = [c.strip(b" \t").lower() for v in te for c in v.split(b",") if c.strip(b" \t")]
+        if codings and codings[-1] == b"chunked":
+            if codings != [b"chunked"]:
+                return head, _CLOSE, 0, "unsupported transfer coding in the response"
+            return head, _CHUNKED, 0, None
+        return head, _CLOSE, 0, None
+    if cl:
+        values = {c.strip(b" \t") for v in cl for c in v.split(b",")}
+        if len(values) != 1:
+            return head, _CLOSE, 0, "conflicting Content-Length in the response"
+        (text,) = values
+        if not text.isdigit() or len(text) > 18:
+            return head, _CLOSE, 0, "malformed Content-Length in the response"
+        return head, _LENGTH, int(text), None
+    return head, _CLOSE, 0, None
+
 
 
 class ResponseParser:
@@ -394,66 +449,38 @@ class ResponseParser:
         return crlf + 3 if crlf >= 0 else -1
 
     def _on_head(self, raw: bytes, events: list[tuple[int, Any]]) -> None:
-        m = _HEAD.fullmatch(raw)
-        if m is None:
-            raise ResponseError(_head_problem(raw))
-        status = int(m.group(2))
-        headers: list[tuple[bytes, bytes]] = _FIELDS.findall(raw, m.end(3))
-        te: list[bytes] = []
-        cl: list[bytes] = []
-        conn: list[bytes] = []
-        for name, value in headers:
-            if len(name) in (10, 14, 17):
-                lname = name.lower()
-                if lname == b"content-length":
-                    cl.append(value)
-                elif lname == b"transfer-encoding":
-                    te.append(value)
-                elif lname == b"connection":
-                    conn.append(value.lower())
-        if len(headers) > self.max_headers:
+        parsed = _HEADS.get(raw)
+        if parsed is None:
+            parsed = _parse_head(raw)
+            if len(_HEADS) >= HEAD_CACHE:
+                _HEADS.clear()
+            _HEADS[raw] = parsed
+        head, framing, length, problem = parsed
+        if len(head.headers) > self.max_headers:
             raise ResponseError(f"more than {self.max_headers} response header fields")
-        version = b"HTTP/1." + m.group(1)
-        tokens = {t.strip(b" \t") for v in conn for t in v.split(b",")} if conn else ()
-        keep = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
-        head = ResponseHead(status, m.group(3) or b"", version, headers, keep)
+        status = head.status
         if status < 200:
             if status == 101:
                 self._state = _R_SWITCHED
                 self.keep_alive = False
             events.append((INFO, head))
             return
-        self.keep_alive = keep
+        self.keep_alive = head.keep_alive
         events.append((RESPONSE, head))
         self._until_close = False
         if self._method == b"HEAD" or status in (204, 304):
             self._finish(events)
             return
-        if te:
-            if cl:
-                raise ResponseError("response with both Content-Length and Transfer-Encoding")
-            codings = [c.strip(b" \t").lower() for v in te for c in v.split(b",") if c.strip(b" \t")]
-            if codings and codings[-1] == b"chunked":
-                if codings != [b"chunked"]:
-                    raise ResponseError("unsupported transfer coding in the response")
-                self._body = ChunkedDecoder()
-            else:
-                self._body = None
-                self._until_close = True
-                self.keep_alive = False
-        elif cl:
-            values = {c.strip(b" \t") for v in cl for c in v.split(b",")}
-            if len(values) != 1:
-                raise ResponseError("conflicting Content-Length in the response")
-            (text,) = values
-            if not text.isdigit() or len(text) > 18:
-                raise ResponseError("malformed Content-Length in the response")
-            n = int(text)
-            if n == 0:
+        if problem is not None:
+            raise ResponseError(problem)
+        if framing is _CHUNKED:
+            self._body = ChunkedDecoder()
+        elif framing is _LENGTH:
+            if length == 0:
                 self._finish(events)
                 return
-            self._body = LengthDecoder(n)
-        else:
+            self._body = LengthDecoder(length)
+        else:  # delimited by the end of the connection
             self._body = None
             self._until_close = True
             self.keep_alive = False

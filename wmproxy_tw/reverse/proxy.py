@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..connect import UpstreamError
+from ..forward.httphead import _HOP_BY_HOP as HOP_BY_HOP_FIELDS
 from ..forward.httphead import hop_by_hop_clean
 from ..headers import apply_header_rules
 from ..limits import PacedTransport, Throttle, connection_bucket
@@ -58,9 +59,13 @@ _FRAMING = frozenset({"content-length", "transfer-encoding"})
 #: Request fields the proxy decides itself (never copied from the client).
 _CLIENT_ONLY = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                           "forwarded", "x-real-ip"})
+#: What a request without a Connection field loses on the way up (hop_by_hop_clean's set, framing, ours).
+_NOT_FORWARDED = HOP_BY_HOP_FIELDS | _FRAMING | _CLIENT_ONLY
 _SAFE_PATH = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,;=:@/%]")
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
                          b"proxy-authenticate", b"proxy-authorization", b"transfer-encoding"})
+#: Connection tokens that name no field to drop (keep-alive/close), or one we never drop.
+_CONNECTION_HARMLESS = frozenset({b"", b"close", b"content-length"}) | _HOP_BY_HOP
 
 
 def forwarded_headers(headers: list[tuple[str, str]], client_ip: str, scheme: str, host: str,
@@ -82,11 +87,32 @@ def forwarded_headers(headers: list[tuple[str, str]], client_ip: str, scheme: st
 def response_fields(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The upstream's response fields for the client: hop-by-hop ones (and
     those its Connection field names) removed; framing is ours to decide."""
-    drop = _HOP_BY_HOP
+    return client_fields(raw)[0]
+
+
+def client_fields(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool, bool]:
+    """:func:`response_fields` in one pass, and whether Content-Length and Date are among them."""
+    out = []
+    extra: Optional[set[bytes]] = None
+    has_length = has_date = False
     for k, v in raw:
-        if len(k) == 10 and k.lower() == b"connection":
-            drop = drop | ({t.strip(b" \t").lower() for t in v.split(b",")} - {b"content-length"})
-    return [(k, v) for k, v in raw if k.lower() not in drop]
+        lk = k.lower()
+        if lk in _HOP_BY_HOP:
+            if lk == b"connection":
+                tokens = {t.strip(b" \t").lower() for t in v.split(b",")} - _CONNECTION_HARMLESS
+                if tokens:
+                    extra = tokens if extra is None else extra | tokens
+            continue
+        if lk == b"content-length":
+            has_length = True
+        elif lk == b"date":
+            has_date = True
+        out.append((k, v))
+    if extra:  # Connection names more fields to drop (wherever they are)
+        out = [(k, v) for k, v in out if k.lower() not in extra]
+        names = {k.lower() for k, _ in out}
+        has_length, has_date = b"content-length" in names, b"date" in names
+    return out, has_length, has_date
 
 
 @implementer(IPushProducer)
@@ -128,6 +154,23 @@ class _BodyPump:
 class Exchange:
     """The proxying of one request (see the module docstring)."""
 
+    # Per-exchange state: the defaults here, set on the instance when they change.
+    member: Any = None
+    conn: Any = None
+    reused = False
+    last_error: Optional[UpstreamError] = None
+    done = False
+    started_at = 0.0
+    got_response = False
+    body_started = False
+    body_kind: Optional[str] = None
+    _head_pending = False
+    _counted = False
+    _pump: Optional[_BodyPump] = None
+    _reader: Optional[_ResponsePump] = None
+    _write_timer: Any = None
+    _connecting: Any = None
+
     def __init__(self, handler: Any, request: Any, ctx: Any) -> None:
         self.h = handler
         self.request = request
@@ -135,24 +178,9 @@ class Exchange:
         self.clock = handler.clock
         self.group = handler.group
         self.tried: set[Any] = set()
-        self.member: Any = None
-        self.conn: Any = None
-        self.reused = False
-        self.last_error: Optional[UpstreamError] = None
-        self.done = False
-        self.started_at = 0.0
-        self.got_response = False
         self.body_sent = not request.has_body
-        self.body_started = False
         self.upgrade = bool(request.websocket and ctx.is_ws)
-        self.body_kind: Optional[str] = None
-        self._head_pending = False
-        self._counted = False
-        self._pump: Optional[_BodyPump] = None
-        self._reader: Optional[_ResponsePump] = None
         self._out: Any = request  # the request, or a Throttle over it (rate_limit)
-        self._write_timer: Any = None
-        self._connecting: Any = None
 
     # -- start ---------------------------------------------------------------------
     def start(self) -> None:
@@ -166,16 +194,24 @@ class Exchange:
     def _build_head(self) -> bytes:
         req, h = self.request, self.h
         headers = req.head.headers
+        names = req.lower_names  # the field names in lower case, from the channel's pass over the head
         trusted = bool(h.trusted_proxies) and req.client_ip in h.trusted_proxies
-        out = [(k, v) for k, v in hop_by_hop_clean(headers, keep_upgrade=self.upgrade)
-               if k.lower() not in _FRAMING and k.lower() not in _CLIENT_ONLY]
+        if names is not None and not self.upgrade and "connection" not in names:
+            # Nothing names extra fields to drop: one pass with the names already lowered.
+            out = [kv for kv, n in zip(headers, names, strict=True) if n not in _NOT_FORWARDED]
+            has_host = "host" in names
+        else:
+            out = [(k, v) for k, v in hop_by_hop_clean(headers, keep_upgrade=self.upgrade)
+                   if k.lower() not in _FRAMING and k.lower() not in _CLIENT_ONLY]
+            has_host = any(k.lower() == "host" for k, _ in out)
         out += forwarded_headers(headers, req.client_ip, req.scheme, req.host_value, trusted)
         if self.upgrade:
             out.append(("Connection", "Upgrade"))
         if h.request_rules:
             apply_header_rules(out, h.request_rules, req.vars)
             out = [(k, v) for k, v in out if k.lower() not in _FRAMING]
-        if not any(k.lower() == "host" for k, _ in out):
+            has_host = any(k.lower() == "host" for k, _ in out)
+        if not has_host:
             out.append(("Host", h.host_header))
         if req.has_body:
             if req.body_length is not None:
@@ -303,13 +339,19 @@ class Exchange:
             req.close_after_response()  # the upstream did not switch protocols
         if req._disconnected:
             return
-        req.set_raw_response(head.status, head.reason or reason(head.status).encode(),
-                             response_fields(head.headers))
+        fields, has_length, has_date = client_fields(head.headers)
+        req.set_raw_response(head.status, head.reason or reason(head.status).encode(), fields,
+                             has_length=has_length, has_date=has_date)
         self._head_pending = True  # written with the first body bytes, or by upstream_flush
-        self._reader = _ResponsePump(self.conn, self)
         if self.h.rate_limit is not None:  # paced per client connection (limits.Throttle)
             bucket = connection_bucket(req.channel, self.h.rate_limit, self.clock)
             self._out = Throttle(req, bucket, self.clock)
+            self._register_reader()
+        # Otherwise the client's back-pressure is wired up by upstream_flush, only when
+        # the response did not end within this read (most small responses do).
+
+    def _register_reader(self) -> None:
+        self._reader = _ResponsePump(self.conn, self)
         self._out.registerProducer(self._reader, True)
 
     def upstream_data(self, data: bytes) -> None:
@@ -321,9 +363,13 @@ class Exchange:
         """End of what one read brought: a head still unsent goes out now, as nginx
         does (long polls, server-sent events)."""
         req = self.request
-        if self._head_pending and not req.startedWriting and not req._disconnected and not self.done:
+        if self.done or req._disconnected:
+            return
+        if self._head_pending and not req.startedWriting:
             req.write(b"")
         self._head_pending = False
+        if self._reader is None and self.got_response and self.conn is not None:
+            self._register_reader()  # more of the body to come: the client paces the upstream
 
     def upstream_end(self) -> None:
         if self.done:

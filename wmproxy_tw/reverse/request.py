@@ -66,6 +66,8 @@ class ReverseRequest(server.Request):
     # Per-request state, defaults at class level (set per instance only when it changes).
     end: Optional[float] = None
     head: Optional[RequestHead] = None
+    #: The head's field names in lower case (same order), when the channel made them.
+    lower_names: Optional[list[str]] = None
     norm_path = "/"
     query = ""
     host_value = ""
@@ -91,6 +93,7 @@ class ReverseRequest(server.Request):
     completed = False
     _replay: Optional["_ContentReplay"] = None
     _raw_headers: Optional[list[tuple[bytes, bytes]]] = None
+    _raw_flags: Optional[tuple[bool, bool]] = None  # (has Content-Length, has Date) of _raw_headers
     _request_headers: Optional[Headers] = None
 
     def __init__(self, channel: Any, queued: Any = None) -> None:
@@ -119,10 +122,12 @@ class ReverseRequest(server.Request):
 
     # -- filled by the channel (or from twisted's attributes in process()) ------
     def prepare(self, head: Optional[RequestHead], norm_path: str, query: str, host_value: str, host_name: str,
-                scheme: str, has_body: bool, websocket: bool, body_length: Optional[int] = None) -> None:
+                scheme: str, has_body: bool, websocket: bool, body_length: Optional[int] = None,
+                lower_names: Optional[list[str]] = None) -> None:
         if head is not None and self.head is None:
             self._request_headers = None  # built lazily from the head
         self.head = head
+        self.lower_names = lower_names
         self.norm_path = norm_path
         self.query = query
         self.host_value = host_value
@@ -266,12 +271,35 @@ class ReverseRequest(server.Request):
                          self.scheme, self.websocket)
 
     # -- response ------------------------------------------------------------------
-    def set_raw_response(self, status: int, reason_: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def set_raw_response(self, status: int, reason_: bytes, headers: list[tuple[bytes, bytes]],
+                         has_length: Optional[bool] = None, has_date: Optional[bool] = None) -> None:
         """The response head as a list of raw fields (a proxied response): written
-        as given, plus Date if absent, response rules, and our framing."""
+        as given, plus Date if absent, response rules, and our framing.
+        ``has_length``/``has_date``: whether Content-Length/Date are among them,
+        when the caller knows (saves a pass over the fields)."""
         self.code = status
         self.code_message = reason_
         self._raw_headers = headers
+        self._raw_flags = None if has_length is None or has_date is None else (has_length, has_date)
+
+    def write_whole(self, status: int, reason_: bytes, block: bytes, body: bytes) -> bool:
+        """Write a complete response in one write: ``block`` holds its fields,
+        formatted and final (Content-Length included; Date and our connection
+        fields are added).  False, having done nothing, where the general path
+        is needed: response header rules, a response already started, a
+        channel without :meth:`~HTTP11Channel.head_bytes` (HTTP/2), HEAD."""
+        channel = self.channel
+        if (self.response_rules or self.startedWriting or self.finished or self._disconnected
+                or self.method == b"HEAD" or not hasattr(channel, "head_bytes")):
+            return False
+        self.code = status
+        self.code_message = reason_
+        self.startedWriting = 1
+        head = channel.head_bytes(self.clientproto, status, reason_, [(b"Date", _date(self.clock.seconds()))],
+                                  False, block)
+        self.sentLength += len(body)
+        channel.write(head + body)
+        return True
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
@@ -327,19 +355,24 @@ class ReverseRequest(server.Request):
             if self.cookies:
                 raw = [(k, v) for k, v in raw if k.lower() != b"set-cookie"]
                 raw += [(b"Set-Cookie", c) for c in self.cookies]
+        flags = self._raw_flags if raw is self._raw_headers else None
         if self.response_rules:
             pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
             apply_header_rules(pairs, self.response_rules, self.vars)
             raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs]
-        has_length = has_date = False
-        for k, _v in raw:
-            lk = k.lower()
-            if lk == b"content-length":
-                has_length = True
-            elif lk == b"date":
-                has_date = True
+            flags = None
+        if flags is not None:
+            has_length, has_date = flags
+        else:
+            has_length = has_date = False
+            for k, _v in raw:
+                lk = k.lower()
+                if lk == b"content-length":
+                    has_length = True
+                elif lk == b"date":
+                    has_date = True
         if not has_date:
-            raw.append((b"Date", datetimeToString(self.clock.seconds())))
+            raw.append((b"Date", _date(self.clock.seconds())))
         version = self.clientproto
         self.chunked = int(version == b"HTTP/1.1" and not has_length and self.method != b"HEAD"
                            and self.code not in NO_BODY_CODES)
@@ -383,6 +416,18 @@ class ReverseRequest(server.Request):
         if getter is not None:
             return getter(self)
         return self.vars(name, arg)
+
+
+_last_date: tuple[int, bytes] = (-1, b"")
+
+
+def _date(now: float) -> bytes:
+    """The Date field value for ``now``, formatted once per second."""
+    global _last_date
+    second = int(now)
+    if _last_date[0] != second:
+        _last_date = (second, datetimeToString(second))
+    return _last_date[1]
 
 
 def _header(name: str) -> Callable[[ReverseRequest], str]:

@@ -43,6 +43,8 @@ class Rule:
     text: str
     test: Predicate
     prefix: Optional[str] = None
+    #: The rule looks at the path only (so a decision may be cached per path).
+    path_only: bool = False
 
     def matches(self, info: RouteInfo) -> bool:
         return self.test(info)
@@ -93,12 +95,12 @@ def compile_rule(rule: Union[str, RuleTable], match_names: Mapping[str, Union[st
                 raise ValueError(f"match_names: {' -> @'.join(('@' + _seen[0],) + _seen[1:] + (name,))} is circular")
             if name in match_names:
                 inner = compile_rule(match_names[name], match_names, _seen + (name,))
-                return Rule(text, inner.test, inner.prefix)
+                return Rule(text, inner.test, inner.prefix, inner.path_only)
             if name == "ws":
                 return Rule(text, lambda info: info.websocket)
             raise ValueError(f"rule {text!r}: no match_names entry {name!r}")
         test, prefix = _path_predicate(text)
-        return Rule(text, lambda info: test(info.path), prefix)
+        return Rule(text, lambda info: test(info.path), prefix, path_only=True)
     checks: list[Predicate] = []
     prefix = None
     if rule.path:
@@ -118,7 +120,8 @@ def compile_rule(rule: Union[str, RuleTable], match_names: Mapping[str, Union[st
         checks.append(lambda info: info.scheme == scheme)
     desc = "{" + ", ".join(f"{k} = {getattr(rule, k)!r}" for k in ("path", "host", "method", "client_ip", "scheme")
                            if getattr(rule, k) is not None) + "}"
-    return Rule(desc, lambda info: all(c(info) for c in checks), prefix)
+    only_path = not (rule.host or rule.method or rule.client_ip is not None or rule.scheme)
+    return Rule(desc, lambda info: all(c(info) for c in checks), prefix, path_only=only_path)
 
 
 T = TypeVar("T")

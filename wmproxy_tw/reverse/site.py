@@ -43,6 +43,10 @@ __all__ = ["ServerCtx", "ReverseSite", "ReverseFeature", "build", "limits_of"]
 _log = Logger()
 
 
+#: Paths whose location decision a server remembers (forgotten all at once when full).
+ROUTE_CACHE = 4096
+
+
 @dataclass
 class ServerCtx:
     """A compiled ``[[http.server]]``: its locations in file order."""
@@ -51,11 +55,33 @@ class ServerCtx:
     config: HttpServer
     locations: list[LocationCtx]
 
+    def __post_init__(self) -> None:
+        # When every rule looks at the path only, the decision is a function of the
+        # path: remembered per normalised path (bounded).
+        self._by_path: Optional[dict[str, Optional[LocationCtx]]] = (
+            {} if all(loc.rule.path_only for loc in self.locations) else None)
+
     def match(self, info: RouteInfo) -> Optional[LocationCtx]:
         for loc in self.locations:
             if loc.rule.test(info):
                 return loc
         return None
+
+    def route(self, request: ReverseRequest) -> Optional[LocationCtx]:
+        """The location of ``request`` (:meth:`match`, cached per path where that is safe)."""
+        cache = self._by_path
+        if cache is None:
+            return self.match(request.route_info())
+        path = request.norm_path
+        try:
+            return cache[path]
+        except KeyError:
+            pass
+        loc = self.match(request.route_info())
+        if len(cache) >= ROUTE_CACHE:
+            cache.clear()
+        cache[path] = loc
+        return loc
 
 
 def limits_of(srv: HttpServer) -> Limits:
@@ -96,8 +122,7 @@ class ReverseSite(server.Site):
 
     def dispatch(self, request: ReverseRequest) -> None:
         """The pipeline of SPEC §4, from location match to handler."""
-        srv = self.vhosts.pick(request.host_name)
-        loc = srv.match(request.route_info())
+        loc = self.vhosts.pick(request.host_name).route(request)
         if loc is None:
             respond_error(request, 404)
             return
