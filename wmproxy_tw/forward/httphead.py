@@ -135,6 +135,9 @@ class RequestHeadParser:
     ignored.  Line lengths exclude the terminator.
     """
 
+    __slots__ = ("max_line", "max_header_bytes", "max_headers", "allow_bare_lf", "_buf", "_off", "_scan",
+                 "_leading", "_request_line", "_headers", "_header_bytes", "_head", "_leftover")
+
     def __init__(
         self,
         max_line: int = 8192,

@@ -75,11 +75,20 @@ class Limits:
 class HTTP11Channel(Protocol):
     """One client connection; builds a request object per request head."""
 
+    # Slots: an idle keep-alive connection is this object; no per-instance dict (SPEC §11 memory).
+    __slots__ = ("transport", "connected", "site", "factory", "requestFactory", "clock", "limits", "_state",
+                 "_parser", "_pending", "_pending_len", "_driving", "_request", "_persistent", "_decoder",
+                 "_reader", "_discard_done", "_body_wanted", "_expect_continue", "_read_pauses", "_producer",
+                 "_producer_streaming", "_write_paused", "_timer", "_timer_kind", "_deadline", "_last_read",
+                 "_stall", "_abort_call", "_head_started", "_last_host", "_closing", "_splice", "requests_served",
+                 "_peer", "_host", "_secure")
     transport: Any
     _peer: Any
     _host: Any
 
     def __init__(self, site: Any, limits: Limits) -> None:
+        self.transport = None
+        self.connected = 0
         self.site = site
         self.factory = site  # Request.finish() logs through channel.factory.log
         self.requestFactory = site.requestFactory
