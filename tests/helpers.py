@@ -300,10 +300,20 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     async def start(self) -> None:
-        self.proc = spawn([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                           "--appendonly", "no", "--dir", str(self.folder), "--loglevel", "warning", *self.extra])
-        self.proc.ended.addErrback(lambda _f: None)
-        await wait_port(self.port, 10.0)
+        """Start it and wait for its port; its own words if it exits first (e.g. a port taken meanwhile)."""
+        proc = self.proc = spawn([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--dir", str(self.folder), "--loglevel", "warning",
+                                  *self.extra])
+        proc.ended.addErrback(lambda _f: None)
+        for _ in range(500):
+            if proc.code is not None:
+                raise AssertionError(f"redis-server exited ({proc.code}) before listening on {self.port}: "
+                                     f"{(proc.out + proc.err).decode(errors='replace')[-500:]}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            await deferLater(0.02)
+        raise AssertionError(f"redis-server not listening on {self.port} after 10s")
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.code is None:
