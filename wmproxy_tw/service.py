@@ -54,8 +54,13 @@ ABORT_GRACE = 2.0
 def _unsupported(config: Config) -> list[str]:
     """Sections that parse but are not served yet: refused, never ignored."""
     out = reverse.unsupported(config)
-    if config.fleet is not None and resolve_workers(config) > 1:
-        out.append("[fleet] with workers > 1")
+    if resolve_workers(config) > 1:
+        if config.fleet is not None:
+            out.append("[fleet] with workers > 1")
+        p = config.proxy
+        if p is not None and (p.center_addr or p.server is not None):
+            # a tunnel client attaches to one process: the other workers could not reach it
+            out.append("a tunnel server or client (proxy.center_addr / proxy.server) with workers > 1")
     return out
 
 

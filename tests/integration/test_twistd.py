@@ -63,6 +63,9 @@ async def test_unsupported_section_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, 'workers = 2\n[proxy]\nbind = "127.0.0.1:0"\n[fleet]\nredis = "redis://127.0.0.1:6379/0"\n')
     _o, err, code = await twistd("wmproxy", "--check", "-c", path)
     assert code == 1 and b"not supported yet: [fleet] with workers > 1" in err
+    path = _write(tmp_path, 'workers = 2\n[proxy]\ncenter_addr = "127.0.0.1:18092"\ntoken = "t"\n')
+    _o, err, code = await twistd("wmproxy", "--check", "-c", path)
+    assert code == 1 and b"a tunnel server or client (proxy.center_addr / proxy.server) with workers > 1" in err
 
 
 @pytest_twisted.ensureDeferred
