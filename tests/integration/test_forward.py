@@ -133,15 +133,13 @@ async def test_connect_ipv6_literal() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_upstream_failures_are_502() -> None:
-    """Refused and unresolvable targets answer 502 with a short plain body."""
+    """A refused target answers 502 with a short plain body (an unresolvable one: test_faults.py, with an
+    in-process resolver, so that no DNS query leaves the machine)."""
     svc, port = await _proxy("connect_timeout = \"2s\"")
     try:
         out, _e, _c = await run("curl", "-s", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{port}",
                                 "http://127.0.0.1:1/")
         assert out.endswith(b"502") and b"refused" in out
-        out, _e, _c = await run("curl", "-s", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{port}",
-                                "http://no-such-host.invalid/")
-        assert out.endswith(b"502") and b"resolve" in out
     finally:
         await _stop(svc)
 
