@@ -278,6 +278,15 @@ def test_request_with_body_does_not_take_a_pooled_connection() -> None:
     assert len(reactor.tcpClients) == 2 and ut.value() == b""
 
 
+def test_non_idempotent_request_without_body_is_never_resent() -> None:
+    """A bodiless POST or PATCH takes no pooled connection (RFC 9110 §9.2.2: it must not be sent twice)."""
+    for method in (b"POST", b"PATCH"):
+        f, reactor, _up, ut, _ = _pool_setup()
+        p2, _t2 = _client(f)
+        p2.dataReceived(method + b" http://127.0.0.1:9/b HTTP/1.0\r\n\r\n")
+        assert len(reactor.tcpClients) == 2 and ut.value() == b"", method
+
+
 def test_pool_closes_idle_connections_and_on_stop() -> None:
     """Pooled connections idle past POOL_IDLE are closed; stop() closes the rest."""
     f, reactor, _up, ut, _ = _pool_setup()

@@ -480,7 +480,8 @@ def body_framing(head: RequestHead) -> tuple[str, int | None]:
 
 # -- hop-by-hop ---------------------------------------------------------------------
 
-_HOP_BY_HOP = frozenset(
+#: Fields that concern one connection only (RFC 9110 §7.6.1), lower case.
+HOP_BY_HOP = frozenset(
     {
         "connection",
         "proxy-connection",
@@ -492,7 +493,11 @@ _HOP_BY_HOP = frozenset(
         "proxy-authenticate",
     }
 )
-_HOP_BY_HOP_KEEP_UPGRADE = _HOP_BY_HOP - {"upgrade"}
+#: The same as bytes, with Transfer-Encoding (a proxy re-frames bodies itself).
+HOP_BY_HOP_BYTES = frozenset(f.encode("ascii") for f in HOP_BY_HOP) | {b"transfer-encoding"}
+#: Methods a proxy may send again when a connection failed before any answer (RFC 9110 §9.2.2).
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_HOP_BY_HOP_KEEP_UPGRADE = HOP_BY_HOP - {"upgrade"}
 #: Never removed because Connection names them: dropping framing or routing
 #: fields while forwarding the body would desynchronise the upstream.
 _PROTECTED = frozenset({"content-length", "transfer-encoding", "host"})
@@ -513,7 +518,7 @@ def hop_by_hop_clean(
     """
     headers = list(headers)
     lowered = [name.lower() for name, _ in headers]
-    drop: frozenset[str] | set[str] = _HOP_BY_HOP_KEEP_UPGRADE if keep_upgrade else _HOP_BY_HOP
+    drop: frozenset[str] | set[str] = _HOP_BY_HOP_KEEP_UPGRADE if keep_upgrade else HOP_BY_HOP
     if "connection" in lowered:
         drop = set(drop)
         for lname, (_, value) in zip(lowered, headers, strict=True):

@@ -30,7 +30,7 @@ from ..relay import CLOSE_GRACE, A, B, Splice, SpliceProtocol
 from . import socks5
 from ..reverse.h1 import (DATA, END, LAST_CHUNK, RESPONSE, BodyError, ChunkedDecoder, LengthDecoder, ResponseError,
                          ResponseHead, ResponseParser, chunk, reason, request_head)
-from .httphead import (HttpHeadError, RequestHead, RequestHeadParser, body_framing, hop_by_hop_clean,
+from .httphead import (IDEMPOTENT, HttpHeadError, RequestHead, RequestHeadParser, body_framing, hop_by_hop_clean,
                        parse_basic_auth, parse_proxy_target)
 from .udp import UdpAssociation
 
@@ -493,13 +493,14 @@ class ForwardProtocol(Protocol):
         if up is not None and (up.key != key or not up.reusable()):
             self._release_upstream()
             up = None
+        # Only an idempotent request without a body may be sent again (RFC 9110 §9.2.2) when a reused
+        # connection turns out closed before any answer; only such a request takes a pooled connection.
+        resendable = self.decoder is None and method in IDEMPOTENT
         if up is None:
-            # a pooled connection only for a request without a body: one the origin closed
-            # meanwhile is then retried on a new connection (the head is all there is to resend)
-            up = self.f.pool.take(key, self) if self.decoder is None else None
+            up = self.f.pool.take(key, self) if resendable else None
             self.upstream = up = up or HttpUpstream(self, key)
         self._arm(RESPONSE_TIMEOUT)
-        up.start(method, raw, retry=self.decoder is None)
+        up.start(method, raw, retry=resendable)
         if rest and self.mode == "http":
             self._http_data(rest)
 
@@ -753,8 +754,8 @@ class HttpUpstream(Protocol):
     def start(self, method: bytes, head: bytes, retry: bool = False) -> None:
         """Send one request head (its body follows through :meth:`write`).
 
-        ``retry``: the request has no body, so if this connection was used
-        before and closes without a byte of answer, it is resent on a new one.
+        ``retry``: the request is idempotent and has no body, so if this connection was
+        used before and closes without a byte of answer, it is resent on a new one.
         """
         assert self.client is not None
         self.done = False

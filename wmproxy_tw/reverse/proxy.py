@@ -41,8 +41,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..connect import UpstreamError
-from ..forward.httphead import _HOP_BY_HOP as HOP_BY_HOP_FIELDS
-from ..forward.httphead import hop_by_hop_clean
+from ..forward.httphead import HOP_BY_HOP as HOP_BY_HOP_FIELDS
+from ..forward.httphead import HOP_BY_HOP_BYTES as _HOP_BY_HOP
+from ..forward.httphead import IDEMPOTENT, hop_by_hop_clean
 from ..headers import apply_header_rules
 from ..limits import PacedTransport, Throttle, connection_bucket
 from ..relay import A, B, Splice
@@ -54,7 +55,6 @@ __all__ = ["Exchange", "IDEMPOTENT", "forwarded_headers", "response_fields"]
 
 _log = Logger()
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 #: Request fields the proxy decides itself (never copied from the client).
 _CLIENT_ONLY = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
@@ -62,8 +62,6 @@ _CLIENT_ONLY = frozenset({"expect", "x-forwarded-for", "x-forwarded-proto", "x-f
 #: What a request without a Connection field loses on the way up (hop_by_hop_clean's set, framing, ours).
 _NOT_FORWARDED = HOP_BY_HOP_FIELDS | _FRAMING | _CLIENT_ONLY
 _SAFE_PATH = re.compile(r"[^A-Za-z0-9\-._~!$&'()*+,;=:@/%]")
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
-                         b"proxy-authenticate", b"proxy-authorization", b"transfer-encoding"})
 #: Connection tokens that name no field to drop (keep-alive/close), or one we never drop.
 _CONNECTION_HARMLESS = frozenset({b"", b"close", b"content-length"}) | _HOP_BY_HOP
 
